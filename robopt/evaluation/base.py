@@ -1,0 +1,77 @@
+"""The evaluator interface: a task metric measured on a model, chosen by an EvaluatorSpec."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from robopt.domain.records import InputSpec
+from robopt.errors import EvaluationError
+from robopt.progress import Progress
+
+
+class EvaluatorSpec(BaseModel):
+    """Which evaluator judges the model, on which data, with which options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Registered evaluator name, e.g. 'classification' or 'output-fidelity'.")
+    dataset: str | None = Field(default=None, description="A bundled dataset name (e.g. 'digits') or a file path.")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class EvaluationSetup:
+    """What an evaluator may need besides its spec: the reference (original) model and the input spec."""
+
+    reference: nn.Module | None = None
+    input_spec: InputSpec | None = None
+    seed: int = 0
+
+
+class Evaluator(ABC):
+    """Measures a task metric. `primary_metric` is the one acceptance is judged on."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    primary_metric: str
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, progress: Progress) -> dict[str, float]:
+        """Return metric name -> value. Raise EvaluationError when the model cannot be evaluated."""
+
+
+EvaluatorFactory = Callable[[EvaluatorSpec, EvaluationSetup], Evaluator]
+_EVALUATORS: dict[str, tuple[EvaluatorFactory, str]] = {}
+
+
+def register_evaluator(name: str, description: str) -> Callable[[EvaluatorFactory], EvaluatorFactory]:
+    def decorator(factory: EvaluatorFactory) -> EvaluatorFactory:
+        _EVALUATORS[name] = (factory, description)
+        return factory
+
+    return decorator
+
+
+def _ensure_builtin() -> None:
+    import robopt.evaluation.evaluators  # noqa: F401  (registers the built-in evaluators on import)
+
+
+def list_evaluators() -> dict[str, str]:
+    _ensure_builtin()
+    return {name: desc for name, (_, desc) in sorted(_EVALUATORS.items())}
+
+
+def build_evaluator(spec: EvaluatorSpec, setup: EvaluationSetup) -> Evaluator:
+    _ensure_builtin()
+    if spec.name not in _EVALUATORS:
+        raise EvaluationError(
+            f"no evaluator named {spec.name!r}", f"available evaluators: {', '.join(sorted(_EVALUATORS))}"
+        )
+    return _EVALUATORS[spec.name][0](spec, setup)
