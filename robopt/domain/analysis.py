@@ -33,8 +33,9 @@ class AnalysisReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: str
+    format: str = Field(description="Format of the artifact analysed: torch-module, torchscript or onnx.")
     source: str
+    source_format: str | None = Field(default=None, description="Format of the user's file, detected by content.")
     param_count: int
     trainable_param_count: int | None = None
     size_on_disk_bytes: int

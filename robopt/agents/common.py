@@ -1,0 +1,118 @@
+"""What every agent node needs: its context, settings, artifact store, progress stream and typed views of state."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from langgraph.config import get_config
+from langgraph.runtime import Runtime
+
+from robopt.domain.analysis import AnalysisReport
+from robopt.domain.criteria import Criteria
+from robopt.domain.plan import DeciderEvent
+from robopt.domain.records import ArtifactRef, Attempt, Measurement
+from robopt.evaluation.base import EvaluationSetup, Evaluator, EvaluatorSpec, build_evaluator
+from robopt.graph.context import Context
+from robopt.graph.state import ModelState, State
+from robopt.memory.artifacts import ArtifactStore
+from robopt.progress import Progress
+from robopt.settings import Settings
+
+
+@dataclass
+class NodeEnv:
+    """The resolved environment of one node execution."""
+
+    context: Context
+    settings: Settings
+    store: ArtifactStore
+    progress: Progress
+    runtime: Runtime[Context]
+
+    @property
+    def threads(self) -> int:
+        return self.settings.effective_threads()
+
+
+def node_env(node: str, runtime: Runtime[Context]) -> NodeEnv:
+    context = runtime.context if isinstance(runtime.context, Context) else Context()
+    settings = context.settings()
+    cancel = context.cancel if isinstance(context.cancel, threading.Event) else threading.Event()
+    progress = Progress(emit=runtime.stream_writer, node=node, cancel=cancel)
+    progress.check()
+    progress.emit({"type": "node", "node": node, "status": "start"})
+    return NodeEnv(context, settings, ArtifactStore(settings.artifacts_dir), progress, runtime)
+
+
+def session_id() -> str:
+    """The thread id of the running graph (the session), or 'adhoc' outside a checkpointed run."""
+    try:
+        return str(get_config().get("configurable", {}).get("thread_id") or "adhoc")
+    except RuntimeError:
+        return "adhoc"
+
+
+def model_state(artifact: ArtifactRef, measurement: Measurement, analysis: AnalysisReport) -> ModelState:
+    return {
+        "artifact": artifact.model_dump(mode="json"),
+        "measurement": measurement.model_dump(mode="json"),
+        "analysis": analysis.model_dump(mode="json"),
+    }
+
+
+@dataclass
+class ModelView:
+    """Typed view of a ModelState."""
+
+    artifact: ArtifactRef
+    measurement: Measurement
+    analysis: AnalysisReport
+
+    @classmethod
+    def of(cls, value: ModelState | dict[str, Any]) -> ModelView:
+        return cls(
+            artifact=ArtifactRef.model_validate(value["artifact"]),
+            measurement=Measurement.model_validate(value["measurement"]),
+            analysis=AnalysisReport.model_validate(value["analysis"]),
+        )
+
+
+def criteria_of(state: State) -> Criteria:
+    return Criteria.model_validate(state.get("criteria") or {})
+
+
+def attempts_of(state: State) -> list[Attempt]:
+    return [Attempt.model_validate(a) for a in state.get("attempts") or []]
+
+
+def make_evaluator(state: State, env: NodeEnv) -> Evaluator:
+    """The run's evaluator; output fidelity compares against the baseline model."""
+    spec = EvaluatorSpec.model_validate(state["evaluator_resolved"])
+    baseline = ArtifactRef.model_validate(state["ingested"]["artifact"])
+    reference = env.store.load(baseline) if spec.name == "output-fidelity" else None
+    return build_evaluator(
+        spec, EvaluationSetup(reference=reference, input_spec=baseline.input_spec, seed=env.context.seed)
+    )
+
+
+def decider_event(agent: str, decider: str, ok: bool, detail: str = "") -> dict[str, Any]:
+    return DeciderEvent(agent=agent, decider=decider, ok=ok, detail=detail).model_dump()  # type: ignore[arg-type]
+
+
+def log_attempt(env: NodeEnv, attempt: Attempt) -> dict[str, Any]:
+    """Emit the attempt as an event, keep it in the cross-session history, and return it as state data."""
+    from robopt.memory.history import record_attempt
+
+    data = attempt.model_dump(mode="json")
+    env.progress.emit({"type": "attempt", "node": env.progress.node, **data})
+    record_attempt(env.runtime.store, attempt)
+    return data
+
+
+def json_safe(value: Any) -> Any:
+    """Technique details as plain JSON (tensors and other objects become strings)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))

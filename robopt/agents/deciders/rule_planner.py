@@ -1,0 +1,165 @@
+"""Deterministic planning: search short technique chains by their estimates, pick the least risky that meets the targets."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from robopt.domain.analysis import AnalysisReport
+from robopt.domain.criteria import Criteria
+from robopt.domain.plan import OptimizationPlan
+from robopt.domain.records import Attempt, Measurement, PlanStep
+from robopt.tools.registry import Technique, TechniqueConfig, list_techniques
+
+_RISK = {"low": 1, "medium": 2, "high": 3}
+# Techniques the planner never picks on its own: they gain nothing measurable in dense storage or speed.
+_ONLY_WHEN_ASKED = {"prune_unstructured"}
+_SIZE_MARGIN = 0.95  # estimates are rough: aim a little below the size limit
+
+
+@dataclass(frozen=True)
+class _Option:
+    steps: tuple[PlanStep, ...]
+    size_ratio: float
+    speedup: float
+    risk: int
+
+
+def _ladder(technique: Technique) -> list[TechniqueConfig]:
+    configs, config = [], technique.default_config()
+    while config is not None and len(configs) < 10:
+        configs.append(config)
+        config = technique.milder(config)
+    return configs
+
+
+def _step(technique: Technique, config: TechniqueConfig, analysis: AnalysisReport) -> tuple[PlanStep, float, float, int]:
+    est = technique.estimate(analysis, config)
+    step = PlanStep(
+        technique=technique.name,
+        config=config.model_dump(mode="json"),
+        rationale=est.note,
+        expected_size_ratio=round(est.size_ratio, 4),
+        expected_speedup=round(est.speedup, 3),
+    )
+    return step, est.size_ratio, est.speedup, _RISK[est.accuracy_risk]
+
+
+def _untried_configs(technique: Technique, tried: dict[str, str]) -> list[TechniqueConfig]:
+    """The technique's configs not yet tried; after a rejection only configs milder than the rejected one."""
+    ladder = _ladder(technique)
+    keys = [PlanStep(technique=technique.name, config=c.model_dump(mode="json")).key() for c in ladder]
+    rejected = [i for i, k in enumerate(keys) if tried.get(k) in ("rejected", "failed")]
+    start = max(rejected) + 1 if rejected else 0
+    return [c for i, c in enumerate(ladder) if i >= start and keys[i] not in tried]
+
+
+def rule_plan(
+    *,
+    analysis: AnalysisReport,
+    current: Measurement,
+    baseline: Measurement,
+    criteria: Criteria,
+    attempts: list[Attempt],
+    past_attempts: list[Attempt] | None = None,
+    allowed: set[str] | None = None,
+) -> OptimizationPlan:
+    """Plan the chain still to apply to the current model.
+
+    Options are chains of at most one pruning step followed by at most one quantization step, each
+    config taken from the technique's ladder (default, then milder ones). The option chosen is the
+    least risky one whose estimated size and speed meet the limits; without a feasible option, the one
+    that gets closest; without limits, the least risky one that makes the model both smaller and not
+    slower. Past sessions' rejections on the same model count as tried.
+    """
+    tried: dict[str, str] = {}
+    for a in (past_attempts or []):
+        if a.status in ("rejected", "failed"):
+            tried[a.step.key()] = a.status
+    for a in attempts:
+        tried[a.step.key()] = a.status
+    accepted = {a.step.technique for a in attempts if a.status == "accepted"}
+    accepted_families = {
+        t.family for t in list_techniques() if t.name in accepted
+    }
+
+    usable: list[Technique] = []
+    skipped: list[str] = []
+    for t in list_techniques():
+        if allowed is not None and t.name not in allowed:
+            continue
+        if allowed is None and t.name in _ONLY_WHEN_ASKED:
+            continue
+        outlook = t.outlook(analysis)
+        if not (outlook.available and outlook.applicable):
+            skipped.append(f"{t.name}: {outlook.reason}")
+            continue
+        if t.name in accepted:
+            continue
+        usable.append(t)
+
+    quantizers = [t for t in usable if t.family == "quantization" and "quantization" not in accepted_families]
+    # Structural changes come before quantization: a quantized model is not pruned again.
+    pruners = [t for t in usable if t.family == "pruning" and "quantization" not in accepted_families]
+
+    prune_choices: list[tuple[PlanStep, float, float, int] | None] = [None]
+    for t in pruners:
+        prune_choices += [_step(t, c, analysis) for c in _untried_configs(t, tried)]
+    quant_choices: list[tuple[PlanStep, float, float, int] | None] = [None]
+    for t in quantizers:
+        configs = _untried_configs(t, tried)
+        if configs:
+            quant_choices.append(_step(t, configs[0], analysis))
+
+    options = []
+    for prune, quant in itertools.product(prune_choices, quant_choices):
+        chosen = [c for c in (prune, quant) if c is not None]
+        if not chosen:
+            continue
+        size = speed = 1.0
+        risk = 0
+        for _, s, v, r in chosen:
+            size, speed, risk = size * s, speed * v, risk + r
+        options.append(_Option(tuple(c[0] for c in chosen), size, speed, risk))
+
+    size_limit = criteria.size_limit(baseline.size_bytes)
+    need_size = size_limit / current.size_bytes if size_limit is not None else None
+    need_speed = (
+        current.latency_ms_p50 / criteria.max_latency_ms
+        if criteria.max_latency_ms is not None and current.latency_ms_p50
+        else None
+    )
+
+    def shortfall(o: _Option) -> float:
+        """How far the option's estimate stays from the limits (0 = meets them)."""
+        gaps = [0.0]
+        if need_size is not None:
+            gaps.append(max(0.0, o.size_ratio / (need_size * _SIZE_MARGIN) - 1))
+        if need_speed is not None:
+            gaps.append(max(0.0, need_speed / o.speedup - 1))
+        return max(gaps)
+
+    if need_size is None and need_speed is None:
+        # No limits but the accuracy guard: take the safest option that shrinks the model without slowing it.
+        useful = [o for o in options if o.size_ratio < 0.98 and o.speedup >= 0.95] or [
+            o for o in options if o.size_ratio < 0.98
+        ]
+        best = min(useful, key=lambda o: (o.risk, o.size_ratio, -o.speedup), default=None)
+        goal = "no size or latency limit: the least risky option that shrinks the model"
+    else:
+        feasible = [o for o in options if shortfall(o) == 0]
+        if feasible:
+            best = min(feasible, key=lambda o: (o.risk, len(o.steps), o.size_ratio, -o.speedup))
+            goal = "the least risky chain whose estimate meets the limits"
+        else:
+            best = min(options, key=lambda o: (shortfall(o), o.risk), default=None)
+            goal = "no chain is estimated to meet the limits: the one that gets closest"
+
+    if best is None:
+        why = "; ".join(skipped) if skipped else "every applicable technique and setting has been tried"
+        return OptimizationPlan(steps=[], decider="rules", summary=f"nothing left to try ({why})")
+    summary = (
+        f"{goal}: {' -> '.join(s.technique for s in best.steps)} "
+        f"(estimated size x{best.size_ratio:.2f}, speed x{best.speedup:.2f})"
+    )
+    return OptimizationPlan(steps=list(best.steps), decider="rules", summary=summary)

@@ -1,0 +1,61 @@
+"""Evaluation agent: measures the candidate, judges it against the criteria, and accepts it or sends it to rollback."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from langgraph.runtime import Runtime
+from langgraph.types import Command
+
+from robopt.agents.common import ModelView, criteria_of, log_attempt, make_evaluator, model_state, node_env
+from robopt.domain.plan import OptimizationPlan
+from robopt.domain.records import ArtifactRef, Attempt, PlanStep
+from robopt.errors import EvaluationError
+from robopt.evaluation.judge import judge_candidate
+from robopt.evaluation.profile_artifact import profile_artifact
+from robopt.graph.context import Context
+from robopt.graph.state import State
+
+
+def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimize", "plan", "rollback", "report"]]:
+    env = node_env("evaluate", runtime)
+    candidate = state["candidate"]
+    assert candidate is not None, "evaluate runs only after optimize produced a candidate"
+    step = PlanStep.model_validate(candidate["step"])
+    ref = ArtifactRef.model_validate(candidate["artifact"])
+    current = ModelView.of(state["current"])
+    baseline = ModelView.of(state["baseline"])
+    attempt = Attempt(
+        index=candidate["index"], step=step, status="rejected", input_artifact=current.artifact.sha256,
+        artifact=ref, backend=candidate["backend"], duration_s=candidate["duration_s"],
+        session=state.get("session"), model_fingerprint=baseline.analysis.fingerprint(),
+    )
+    try:
+        profile = profile_artifact(
+            env.store, ref, evaluator=make_evaluator(state, env), threads=env.threads, progress=env.progress,
+            seed=env.context.seed, measure_memory=env.context.measure_memory,
+            source=state["ingested"]["source"], hf_config=state["ingested"].get("hf_config"),
+        )
+    except EvaluationError as e:
+        attempt.reason = f"evaluation failed: {e.message}"
+        return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
+
+    verdict = judge_candidate(profile.measurement, current.measurement, baseline.measurement, criteria_of(state))
+    attempt.measurement = profile.measurement
+    attempt.reason = verdict.reason
+    if not verdict.accepted:
+        return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
+
+    attempt.status = "accepted"
+    update = {
+        "attempts": [log_attempt(env, attempt)],
+        "current": model_state(ref, profile.measurement, profile.analysis),
+        "candidate": None,
+    }
+    if verdict.criteria_met:
+        return Command(goto="report", update={**update, "stop_reason": "all criteria met"})
+    plan = OptimizationPlan.model_validate(state["plan"])
+    cursor = state.get("cursor", 0) + 1
+    if cursor < len(plan.steps):
+        return Command(goto="optimize", update={**update, "cursor": cursor})
+    return Command(goto="plan", update=update)

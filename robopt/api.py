@@ -1,0 +1,171 @@
+"""The Python API: optimize, chat, analyze, resume, history and rollback — the same graph the CLI runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from robopt.domain.analysis import AnalysisReport
+from robopt.domain.criteria import Criteria
+from robopt.domain.plan import OptimizationResult
+from robopt.domain.records import InputSpec, TensorSpec
+from robopt.errors import EvaluationError
+from robopt.evaluation.base import EvaluatorSpec
+from robopt.graph.context import Context
+from robopt.memory.artifacts import ArtifactStore
+from robopt.progress import Progress
+from robopt.runner import (
+    EventHandler,
+    SessionOutcome,
+    new_session_id,
+    rollback_session,
+    run_session,
+    session_history,
+)
+from robopt.tools.ingest import ARTIFACT_PREFIX, ingest_model
+from robopt.tools.loading import LoadOptions
+
+ModelInput = str | Path | nn.Module
+
+
+def parse_evaluator(value: EvaluatorSpec | str | dict[str, Any] | None) -> EvaluatorSpec | None:
+    """'classification', 'classification:digits', 'classification:data.npz', a dict or a spec."""
+    if value is None or isinstance(value, EvaluatorSpec):
+        return value
+    if isinstance(value, dict):
+        return EvaluatorSpec.model_validate(value)
+    name, _, dataset = value.partition(":")
+    if not name:
+        raise EvaluationError(f"empty evaluator in {value!r}", "use e.g. classification:digits or output-fidelity")
+    return EvaluatorSpec(name=name, dataset=dataset or None)
+
+
+def _input_spec_of(module: nn.Module, options: LoadOptions) -> InputSpec | None:
+    if options.input_spec is not None:
+        return options.input_spec
+    if options.input_shape is not None:
+        return InputSpec(inputs=[TensorSpec(shape=list(options.input_shape))], source="caller")
+    spec = getattr(module, "input_spec", None)
+    if isinstance(spec, InputSpec):
+        return spec
+    if isinstance(spec, dict):
+        return InputSpec.model_validate(spec)
+    return None
+
+
+def _model_reference(model: ModelInput, options: LoadOptions, context: Context) -> str:
+    """A live module is stored as an artifact first: graph state holds references, never modules."""
+    if isinstance(model, nn.Module):
+        store = ArtifactStore(context.settings().artifacts_dir)
+        ref = store.put_module(model, input_spec=_input_spec_of(model, options))
+        return f"{ARTIFACT_PREFIX}{ref.sha256}"
+    return str(model)
+
+
+def _criteria(criteria: Criteria | dict[str, Any] | None) -> dict[str, Any]:
+    if criteria is None:
+        return Criteria().model_dump(mode="json")
+    return (criteria if isinstance(criteria, Criteria) else Criteria.model_validate(criteria)).model_dump(mode="json")
+
+
+def optimize(
+    model: ModelInput,
+    criteria: Criteria | dict[str, Any] | None = None,
+    *,
+    evaluator: EvaluatorSpec | str | dict[str, Any] | None = None,
+    load_options: LoadOptions | dict[str, Any] | None = None,
+    techniques: list[str] | None = None,
+    session: str | None = None,
+    context: Context | None = None,
+    on_event: EventHandler | None = None,
+) -> OptimizationResult:
+    """Optimize a model (path, zoo name, or nn.Module) against criteria; returns the measured result.
+
+    `result.artifact` is the best model's artifact path; `result.attempts` lists every step tried.
+    """
+    context = context or Context()
+    options = LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) \
+        else load_options
+    spec = parse_evaluator(evaluator)
+    inputs: dict[str, Any] = {
+        "model": _model_reference(model, options, context),
+        "criteria": _criteria(criteria),
+        "evaluator": spec.model_dump(mode="json") if spec else None,
+        "load_options": options.model_dump(mode="json"),
+        "techniques": techniques,
+    }
+    outcome = run_session(inputs, session=session or new_session_id(), context=context, on_event=on_event)
+    return outcome.result()
+
+
+def chat(
+    request: str,
+    *,
+    evaluator: EvaluatorSpec | str | dict[str, Any] | None = None,
+    session: str | None = None,
+    context: Context | None = None,
+    on_event: EventHandler | None = None,
+) -> OptimizationResult:
+    """Optimize from a natural-language request, e.g. "shrink digits-cnn to under 100 KB, lose at most 1%"."""
+    spec = parse_evaluator(evaluator)
+    inputs = {"request": request, "evaluator": spec.model_dump(mode="json") if spec else None}
+    outcome = run_session(
+        inputs, session=session or new_session_id(), context=context or Context(), on_event=on_event
+    )
+    return outcome.result()
+
+
+def resume(
+    session: str, *, context: Context | None = None, on_event: EventHandler | None = None,
+    checkpoint: str | None = None,
+) -> OptimizationResult:
+    """Continue a session from its last checkpoint (or from `checkpoint`, forking the session there)."""
+    outcome: SessionOutcome = run_session(
+        None, session=session, context=context or Context(), on_event=on_event, checkpoint_id=checkpoint
+    )
+    return outcome.result()
+
+
+def history(session: str, *, context: Context | None = None) -> list[dict[str, Any]]:
+    """The session's checkpoints, oldest first, with the accepted model and metrics at each."""
+    return session_history(session, context or Context())
+
+
+def rollback(session: str, checkpoint: str, *, context: Context | None = None) -> OptimizationResult:
+    """Restore the model accepted at `checkpoint` as the session's result."""
+    return rollback_session(session, checkpoint, context or Context())
+
+
+def analyze(
+    model: ModelInput,
+    *,
+    load_options: LoadOptions | dict[str, Any] | None = None,
+    context: Context | None = None,
+    progress: Progress | None = None,
+) -> AnalysisReport:
+    """Profile a model without optimizing it: size, parameters, FLOPs, census, family, latency, memory,
+    and the techniques that apply with their expected gains."""
+    from robopt.evaluation.profile_artifact import profile_artifact
+    from robopt.tools.registry import list_techniques
+
+    context = context or Context()
+    settings = context.settings()
+    options = LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) \
+        else load_options
+    store = ArtifactStore(settings.artifacts_dir)
+    progress = progress or Progress(node="analyze")
+    ingested = ingest_model(
+        _model_reference(model, options, context), store=store, zoo_dir=settings.zoo_dir, options=options,
+        progress=progress,
+    )
+    profile = profile_artifact(
+        store, ingested.artifact, evaluator=None, threads=settings.effective_threads(), progress=progress,
+        seed=context.seed, measure_memory=context.measure_memory, source=ingested.source,
+        hf_config=ingested.hf_config,
+    )
+    report = profile.analysis
+    report.source_format = ingested.source_format
+    report.techniques = [t.outlook(profile.analysis) for t in list_techniques()]
+    return report

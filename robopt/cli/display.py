@@ -1,0 +1,194 @@
+"""Terminal rendering: a live progress display for graph events, and result/analysis tables (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from robopt.domain.analysis import AnalysisReport
+from robopt.domain.criteria import format_bytes
+from robopt.domain.plan import OptimizationResult
+from robopt.domain.records import Measurement
+
+NODE_TITLES = {
+    "intake": "Intake",
+    "analyze": "Analysis",
+    "plan": "Planning",
+    "optimize": "Optimization",
+    "evaluate": "Evaluation",
+    "rollback": "Rollback",
+    "report": "Report",
+}
+
+
+class LiveDisplay:
+    """Consumes progress events; shows one bar per running stage and a line per node, plan and attempt."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def _finish_tasks(self) -> None:
+        for task in self.tasks.values():
+            self.progress.remove_task(task)
+        self.tasks.clear()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        node = event.get("node", "")
+        if kind == "session":
+            verb = "resuming" if event.get("resumed") else "session"
+            self.console.print(f"[bold]{verb} {event['session']}[/bold]")
+        elif kind == "node" and event.get("status") == "start":
+            self._finish_tasks()
+            self.console.print(f"[cyan]▶ {NODE_TITLES.get(node, node)}[/cyan]")
+        elif kind == "progress":
+            if event.get("total"):
+                key = (node, event["stage"])
+                if key not in self.tasks:
+                    self.tasks[key] = self.progress.add_task(event["stage"], total=event["total"])
+                self.progress.update(self.tasks[key], completed=event.get("current", 0), total=event["total"])
+            elif event.get("message"):
+                self.console.print(f"  [dim]{event['message']}[/dim]")
+        elif kind == "plan":
+            plan = event["plan"]
+            steps = " → ".join(s["technique"] for s in plan["steps"]) or "(nothing)"
+            self.console.print(f"  plan ({plan['decider']}): {steps}")
+            if plan.get("summary"):
+                self.console.print(f"  [dim]{plan['summary']}[/dim]")
+        elif kind == "step":
+            self.console.print(f"  applying {event['technique']} {event['config']}")
+        elif kind == "attempt":
+            self._print_attempt(event)
+        elif kind == "result":
+            self._finish_tasks()
+
+    def _print_attempt(self, a: dict[str, Any]) -> None:
+        colour = {"accepted": "green", "rejected": "yellow", "failed": "red"}.get(a["status"], "white")
+        m = a.get("measurement") or {}
+        figures = ""
+        if m:
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in (m.get("metrics") or {}).items() if k != "samples")
+            latency = f"{m['latency_ms_p50']:.3f} ms" if m.get("latency_ms_p50") is not None else "-"
+            figures = f" — {format_bytes(m.get('size_bytes'))}, p50 {latency}, {metrics}"
+        self.console.print(
+            f"  [{colour}]{a['status']}[/{colour}] #{a['index']} {a['step']['technique']}{figures}\n"
+            f"    [dim]{a.get('reason', '')}[/dim]"
+        )
+
+
+def _ratio(before: float | None, after: float | None, invert: bool = False) -> str:
+    if not before or not after:
+        return "-"
+    r = before / after if not invert else after / before
+    return f"{r:.2f}x"
+
+
+def measurement_rows(m: Measurement) -> dict[str, str]:
+    rows = {
+        "size": format_bytes(m.size_bytes),
+        "parameters": f"{m.param_count:,}" if m.param_count is not None else "-",
+        "latency p50": f"{m.latency_ms_p50:.3f} ms" if m.latency_ms_p50 is not None else "-",
+        "latency p95": f"{m.latency_ms_p95:.3f} ms" if m.latency_ms_p95 is not None else "-",
+        "peak memory": format_bytes(m.peak_memory_bytes),
+    }
+    for name, value in m.metrics.items():
+        rows[name] = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return rows
+
+
+def result_table(result: OptimizationResult) -> Table:
+    base, best = result.baseline.measurement, result.best.measurement
+    table = Table(title=f"robopt session {result.session}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    before, after = measurement_rows(base), measurement_rows(best)
+    changes = {
+        "size": f"{_ratio(base.size_bytes, best.size_bytes)} smaller",
+        "parameters": _ratio(base.param_count, best.param_count, invert=True),
+        "latency p50": f"{_ratio(base.latency_ms_p50, best.latency_ms_p50)} faster",
+        "latency p95": f"{_ratio(base.latency_ms_p95, best.latency_ms_p95)} faster",
+        "peak memory": _ratio(base.peak_memory_bytes, best.peak_memory_bytes, invert=True),
+    }
+    for name in before:
+        change = changes.get(name)
+        if change is None and name in base.metrics and name in best.metrics:
+            change = f"{best.metrics[name] - base.metrics[name]:+.4f}"
+        table.add_row(name, before[name], after.get(name, "-"), change or "-")
+    return table
+
+
+def print_result(console: Console, result: OptimizationResult) -> None:
+    console.print(result_table(result))
+    for check in result.checks:
+        mark = "[green]✓[/green]" if check.met else "[red]✗[/red]"
+        value = "-" if check.value is None else f"{check.value:g}"
+        console.print(f"  {mark} {check.name}: {value} (limit {check.limit:g})")
+    steps = [a for a in result.attempts if a.status == "accepted"]
+    chain = " → ".join(a.step.technique for a in steps) or "(no step accepted)"
+    console.print(f"chain: {chain}")
+    console.print(f"attempts: {len(result.attempts)} ({len(steps)} accepted); stopped: {result.stop_reason}")
+    verdict = "[green]criteria met[/green]" if result.criteria_met else "[red]criteria NOT met[/red]"
+    console.print(f"{verdict}; best model: {result.artifact}")
+    for event in result.decider_events:
+        if not event.ok:
+            console.print(f"[yellow]{event.agent}: {event.decider} decider rejected: {event.detail}[/yellow]")
+
+
+def analysis_table(report: AnalysisReport) -> Table:
+    table = Table(title=f"analysis of {report.source}", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    shapes = report.input_spec.inputs if report.input_spec else []
+    rows = {
+        "format": f"{report.source_format or report.format}",
+        "architecture": f"{report.architecture} ({report.architecture_evidence})",
+        "parameters": f"{report.param_count:,}",
+        "size on disk": format_bytes(report.size_on_disk_bytes),
+        "size in memory": format_bytes(report.size_in_memory_bytes),
+        "FLOPs": f"{report.flops:,}" if report.flops is not None else "-",
+        "inputs": ", ".join(f"{t.name} {t.shape} {t.dtype}" for t in shapes) or "-",
+        "outputs": ", ".join(str(s) for s in report.output_shapes) or "-",
+        "latency p50 / p95": f"{report.latency_ms_p50:.3f} / {report.latency_ms_p95:.3f} ms"
+        if report.latency_ms_p50 is not None and report.latency_ms_p95 is not None
+        else "-",
+        "peak memory": format_bytes(report.peak_memory_bytes),
+        "layers": ", ".join(f"{k} x{v}" for k, v in sorted(report.layer_census.items(), key=lambda kv: -kv[1])),
+    }
+    for k, v in rows.items():
+        table.add_row(k, v)
+    for k, v in report.unmeasured.items():
+        table.add_row(f"[dim]{k} not measured[/dim]", f"[dim]{v}[/dim]")
+    return table
+
+
+def techniques_table(report: AnalysisReport) -> Table:
+    table = Table(title="techniques")
+    for col in ("technique", "family", "applies", "size after", "speed-up", "note / reason"):
+        table.add_column(col)
+    for t in report.techniques:
+        applies = "[green]yes[/green]" if t.applicable else "[red]no[/red]"
+        size = f"x{t.expected_size_ratio:.2f}" if t.expected_size_ratio is not None else "-"
+        speed = f"x{t.expected_speedup:.2f}" if t.expected_speedup is not None else "-"
+        table.add_row(t.technique, t.family, applies, size, speed, t.note if t.applicable else t.reason)
+    return table

@@ -1,0 +1,100 @@
+"""Evaluation's verdicts: check a measurement against the criteria, and accept or reject a candidate step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from robopt.domain.criteria import Criteria, format_bytes
+from robopt.domain.plan import CriteriaCheck
+from robopt.domain.records import Measurement
+
+MIN_SIZE_GAIN = 0.02  # a step must shrink the model by 2% ...
+MIN_SPEED_GAIN = 0.10  # ... or speed it up by 10% to be worth keeping; latency of small models is noisy
+
+
+def metric_drop(candidate: Measurement, baseline: Measurement) -> float | None:
+    """How much worse the primary metric got (positive = worse), or None when it was not measured."""
+    before, after = baseline.primary_value, candidate.primary_value
+    if before is None or after is None:
+        return None
+    return before - after if baseline.higher_is_better else after - before
+
+
+def check_criteria(measurement: Measurement, baseline: Measurement, criteria: Criteria) -> list[CriteriaCheck]:
+    """One check per criterion that has a limit; values are measured, never estimated."""
+    checks = []
+    size_limit = criteria.size_limit(baseline.size_bytes)
+    if size_limit is not None:
+        checks.append(
+            CriteriaCheck(name="size_bytes", limit=size_limit, value=measurement.size_bytes,
+                          met=measurement.size_bytes <= size_limit)
+        )
+    if criteria.max_latency_ms is not None:
+        value = measurement.latency_ms_p50
+        checks.append(
+            CriteriaCheck(name="latency_ms_p50", limit=criteria.max_latency_ms, value=value,
+                          met=value is not None and value <= criteria.max_latency_ms)
+        )
+    if baseline.primary_value is not None:
+        drop = metric_drop(measurement, baseline)
+        allowed = criteria.allowed_drop(baseline.primary_value)
+        checks.append(
+            CriteriaCheck(name=f"{baseline.primary_metric}_drop", limit=allowed, value=drop,
+                          met=drop is not None and drop <= allowed + 1e-12)
+        )
+    return checks
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str
+    criteria_met: bool
+
+
+def judge_candidate(
+    candidate: Measurement, current: Measurement, baseline: Measurement, criteria: Criteria
+) -> Verdict:
+    """Accept a step only if the model still works, keeps the metric within budget, and gains something.
+
+    Rules, in order: non-finite outputs reject; a missing or over-budget metric drop rejects; under a
+    latency (size) limit, getting slower by 10% (larger by 2%) rejects; no size gain of 2% and no
+    speed-up of 10% rejects.
+    A step that is smaller but slower is accepted only without a latency limit, and flagged as slower.
+    """
+    if not candidate.outputs_finite or candidate.metrics.get("nonfinite_outputs", 0.0) > 0:
+        return Verdict(False, "the model produces NaN/inf outputs", False)
+    checks = {c.name: c for c in check_criteria(candidate, baseline, criteria)}
+    if baseline.primary_value is not None:
+        drop_check = checks[f"{baseline.primary_metric}_drop"]
+        if drop_check.value is None:
+            return Verdict(False, f"{baseline.primary_metric} could not be measured", False)
+        if not drop_check.met:
+            return Verdict(
+                False,
+                f"{baseline.primary_metric} dropped by {drop_check.value:.4f} "
+                f"({baseline.primary_value:.4f} -> {candidate.primary_value:.4f}), allowed {drop_check.limit:.4f}",
+                False,
+            )
+    size_gain = current.size_bytes / max(candidate.size_bytes, 1)
+    speed_gain = (
+        current.latency_ms_p50 / candidate.latency_ms_p50
+        if current.latency_ms_p50 and candidate.latency_ms_p50
+        else 1.0
+    )
+    if criteria.max_latency_ms is not None and speed_gain < 1 - MIN_SPEED_GAIN:
+        return Verdict(False, f"slower (latency x{1 / speed_gain:.2f}) under a latency limit", False)
+    if criteria.size_limit(baseline.size_bytes) is not None and size_gain < 1 - MIN_SIZE_GAIN:
+        return Verdict(False, f"larger (size x{1 / size_gain:.2f}) under a size limit", False)
+    if size_gain < 1 + MIN_SIZE_GAIN and speed_gain < 1 + MIN_SPEED_GAIN:
+        return Verdict(
+            False,
+            f"no gain: size {format_bytes(current.size_bytes)} -> {format_bytes(candidate.size_bytes)}, "
+            f"latency x{1 / speed_gain:.2f}",
+            False,
+        )
+    notes = [f"size x{1 / size_gain:.2f}", f"latency x{1 / speed_gain:.2f}"]
+    if speed_gain < 1 - MIN_SPEED_GAIN:
+        notes.append("SLOWER than the model it replaces")
+    met = all(c.met for c in checks.values())
+    return Verdict(True, "accepted: " + ", ".join(notes), met)

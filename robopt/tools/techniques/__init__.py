@@ -1,0 +1,8 @@
+"""Built-in compression techniques: importing this package registers each of them in the technique registry."""
+
+from robopt.tools.techniques import (  # noqa: F401  (imported for their @register_technique side effect)
+    prune_structured,
+    prune_unstructured,
+    quantize_dynamic_int8,
+    weight_only,
+)

@@ -1,0 +1,128 @@
+"""Model cards (what a zoo model is, how to judge it, what it measured) and the registry of zoo entries."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from robopt.domain.analysis import ArchitectureFamily
+from robopt.domain.records import InputSpec
+from robopt.errors import CorruptModelError, ModelNotFoundError
+from robopt.evaluation.base import EvaluatorSpec
+from robopt.progress import Progress
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+
+
+class ModelCard(BaseModel):
+    """A built zoo model: its architecture (import path + kwargs), inputs, evaluator, and build-time metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    architecture: str = Field(description="Import path of the nn.Module class, e.g. 'robopt.zoo.digits_cnn:DigitsCNN'.")
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    family: ArchitectureFamily
+    input_spec: InputSpec
+    evaluator: EvaluatorSpec = Field(description="The evaluator and dataset that fit this model.")
+    suggested_criteria: dict[str, str] = Field(
+        default_factory=dict, description="CLI criteria that make a good demo, e.g. {'max_size': '33%'}."
+    )
+    metrics: dict[str, float] = Field(default_factory=dict, description="Measured by the evaluator at build time.")
+    seed: int
+    build_seconds: float
+
+    def instantiate(self) -> nn.Module:
+        """A fresh (untrained) instance of the card's architecture."""
+        return instantiate_architecture(self.architecture, self.architecture_kwargs)
+
+
+def import_architecture(path: str) -> type[nn.Module]:
+    """'package.module:ClassName' -> the nn.Module class."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelNotFoundError(
+            f"architecture {path!r} is not an import path", "write it as 'package.module:ClassName'"
+        )
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelNotFoundError(f"cannot import architecture {path!r}: {e}", "check the module and class name") from e
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelNotFoundError(f"architecture {path!r} is not an nn.Module class", "name an nn.Module subclass")
+    return obj
+
+
+def instantiate_architecture(path: str, kwargs: dict[str, Any]) -> nn.Module:
+    return import_architecture(path)(**kwargs)
+
+
+def load_card_model(weights_path: Path, card: ModelCard) -> nn.Module:
+    """The card's architecture with the state dict from `weights_path` (safetensors), in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = card.instantiate()
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise CorruptModelError(
+            f"cannot read zoo weights {str(weights_path)!r}: {e}",
+            f"rebuild it: robopt zoo build {card.name} --force",
+        ) from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CorruptModelError(
+            f"zoo weights {str(weights_path)!r} do not fit {card.architecture}: {e}",
+            f"rebuild it: robopt zoo build {card.name} --force",
+        ) from e
+    return model.eval()
+
+
+TrainFn = Callable[[int, Progress, dict[str, Any]], nn.Module]  # (seed, progress, architecture_kwargs)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one zoo model: everything on its card except the measured fields, plus the training function."""
+
+    name: str
+    description: str
+    architecture: str
+    family: ArchitectureFamily
+    input_spec: InputSpec
+    evaluator: EvaluatorSpec
+    train: TrainFn = field(repr=False)
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    suggested_criteria: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+
+_ENTRIES: dict[str, ZooEntry] = {}
+
+
+def register_entry(entry: ZooEntry) -> ZooEntry:
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def get_entry(name: str) -> ZooEntry:
+    try:
+        return _ENTRIES[name]
+    except KeyError:
+        raise ModelNotFoundError(
+            f"no zoo model named {name!r}", f"zoo models: {', '.join(sorted(_ENTRIES)) or '(none)'}"
+        ) from None
+
+
+def entry_names() -> list[str]:
+    return sorted(_ENTRIES)

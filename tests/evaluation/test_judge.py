@@ -1,0 +1,49 @@
+from robopt.domain.criteria import Criteria
+from robopt.domain.records import Measurement
+from robopt.evaluation.judge import check_criteria, judge_candidate
+
+
+def m(size, latency, acc, finite=True, **extra):
+    return Measurement(size_bytes=size, latency_ms_p50=latency, metrics={"accuracy": acc, **extra},
+                       primary_metric="accuracy", outputs_finite=finite)
+
+
+BASE = m(1000, 1.0, 0.95)
+
+
+def test_accepts_smaller_within_accuracy_budget_and_reports_criteria():
+    v = judge_candidate(m(300, 0.9, 0.945), BASE, BASE, Criteria(max_size_ratio=0.33, max_metric_drop=0.01))
+    assert v.accepted and v.criteria_met
+
+
+def test_rejects_accuracy_drop_beyond_budget():
+    v = judge_candidate(m(300, 0.9, 0.93), BASE, BASE, Criteria(max_metric_drop=0.01))
+    assert not v.accepted and "dropped" in v.reason
+
+
+def test_relative_budget():
+    c = Criteria(max_metric_drop_relative=0.05)
+    assert judge_candidate(m(300, 0.9, 0.91), BASE, BASE, c).accepted
+    assert not judge_candidate(m(300, 0.9, 0.90), BASE, BASE, c).accepted
+
+
+def test_rejects_nan_outputs_even_if_metric_looks_fine():
+    assert not judge_candidate(m(300, 0.9, 0.95, finite=False), BASE, BASE, Criteria()).accepted
+    assert not judge_candidate(m(300, 0.9, 0.95, nonfinite_outputs=0.5), BASE, BASE, Criteria()).accepted
+
+
+def test_rejects_no_gain_and_slower_under_latency_limit():
+    assert "no gain" in judge_candidate(m(995, 0.99, 0.95), BASE, BASE, Criteria()).reason
+    slower = judge_candidate(m(250, 3.0, 0.95), BASE, BASE, Criteria(max_latency_ms=5))
+    assert not slower.accepted
+    # without a latency limit, smaller-but-slower is kept and flagged
+    kept = judge_candidate(m(250, 3.0, 0.95), BASE, BASE, Criteria())
+    assert kept.accepted and "SLOWER" in kept.reason
+
+
+def test_check_criteria_values_are_the_measurements():
+    checks = {c.name: c for c in check_criteria(m(400, 2.0, 0.94), BASE, Criteria(max_size_bytes=500,
+                                                                                    max_latency_ms=1.5))}
+    assert checks["size_bytes"].met and checks["size_bytes"].value == 400
+    assert not checks["latency_ms_p50"].met and checks["latency_ms_p50"].value == 2.0
+    assert checks["accuracy_drop"].value == 0.95 - 0.94
