@@ -162,7 +162,7 @@ def analyze(
     )
     profile = profile_artifact(
         store, ingested.artifact, evaluator=None, threads=settings.effective_threads(), progress=progress,
-        seed=context.seed, measure_memory=context.measure_memory, source=ingested.source,
+        seed=context.seed, isolated=context.isolated_measurement, source=ingested.source,
         hf_config=ingested.hf_config,
     )
     report = profile.analysis

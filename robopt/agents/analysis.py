@@ -26,7 +26,7 @@ def analyze(state: State, runtime: Runtime[Context]) -> Command[Literal["plan"]]
         threads=env.threads,
         progress=env.progress,
         seed=env.context.seed,
-        measure_memory=env.context.measure_memory,
+        isolated=env.context.isolated_measurement,
         source=ingested["source"],
         hf_config=ingested.get("hf_config"),
     )

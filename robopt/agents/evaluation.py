@@ -33,7 +33,7 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
     try:
         profile = profile_artifact(
             env.store, ref, evaluator=make_evaluator(state, env), threads=env.threads, progress=env.progress,
-            seed=env.context.seed, measure_memory=env.context.measure_memory,
+            seed=env.context.seed, isolated=env.context.isolated_measurement,
             source=state["ingested"]["source"], hf_config=state["ingested"].get("hf_config"),
         )
     except EvaluationError as e:

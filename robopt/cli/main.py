@@ -35,6 +35,19 @@ LlmOpt = Annotated[
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default: ROBOPT_DATA_DIR).")]
 
 
+_NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "torch_pruning")
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Third-party import-time warnings (optional kernels that cannot load here) are noise for CLI users."""
+    import logging
+
+    if not os.environ.get("ROBOPT_DEBUG"):
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _handle_errors(fn: F) -> F:
     """Typed errors become a message, a hint and an exit code; nothing reaches the user as a raw traceback."""
 
@@ -70,11 +83,10 @@ def _handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _context(llm: str | None = None, data_dir: Path | None = None, threads: int = 0, measure_memory: bool = True):
+def _context(llm: str | None = None, data_dir: Path | None = None, threads: int = 0):
     from robopt.graph.context import Context
 
-    return Context(llm=llm, data_dir=str(data_dir) if data_dir else None, threads=threads,
-                   measure_memory=measure_memory)
+    return Context(llm=llm, data_dir=str(data_dir) if data_dir else None, threads=threads)
 
 
 def _load_options(architecture: str | None, architecture_kwargs: str | None, trust_pickle: bool,

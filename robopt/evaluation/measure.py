@@ -105,20 +105,44 @@ def measure_latency(
     )
 
 
-def measure_peak_memory(
-    artifact: ArtifactRef, *, threads: int = 1, runs: int = 3, timeout_s: float = 300
-) -> tuple[int | None, str | None]:
-    """Peak resident memory (bytes above the post-import baseline) of loading `artifact` and running it
-    `runs` times, measured in a fresh `python -m robopt.evaluation.memory_probe` process.
+@dataclass
+class IsolatedMeasurement:
+    """What the isolated benchmark process measured; `reason` says why a value is missing."""
 
-    Returns (bytes, None), or (None, reason) when there is no input spec or the probe fails.
+    peak_memory_bytes: int | None
+    latency: LatencyStats | None
+    reason: str | None = None
+
+
+def measure_isolated(
+    artifact: ArtifactRef,
+    *,
+    threads: int = 1,
+    runs: int = 3,
+    latency: bool = True,
+    latency_options: dict | None = None,
+    timeout_s: float = 300,
+) -> IsolatedMeasurement:
+    """Peak resident memory (bytes above the post-import baseline) of loading `artifact` and running it
+    `runs` times, and then its latency, measured in a fresh `python -m robopt.evaluation.bench_probe`.
+
+    Missing values come back as None with the reason (no input spec, probe failure, timeout).
     """
     if artifact.input_spec is None:
-        return None, "the artifact has no input_spec, so the model cannot be run: pass --input-shape"
-    request = json.dumps({"artifact": artifact.model_dump(mode="json"), "threads": threads, "runs": runs})
+        return IsolatedMeasurement(
+            None, None, "the artifact has no input_spec, so the model cannot be run: pass --input-shape"
+        )
+    request = json.dumps(
+        {
+            "artifact": artifact.model_dump(mode="json"),
+            "threads": threads,
+            "runs": runs,
+            "latency": (latency_options or {}) if latency else None,
+        }
+    )
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "robopt.evaluation.memory_probe"],
+            [sys.executable, "-m", "robopt.evaluation.bench_probe"],
             input=request,
             capture_output=True,
             text=True,
@@ -126,17 +150,29 @@ def measure_peak_memory(
             env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
     except subprocess.TimeoutExpired:
-        return None, f"the memory probe ran past {timeout_s:g} s"
+        return IsolatedMeasurement(None, None, f"the benchmark probe ran past {timeout_s:g} s")
     if done.returncode != 0:
         tail = done.stderr.strip()[-_STDERR_TAIL:] or done.stdout.strip()[-_STDERR_TAIL:]
-        return None, f"the memory probe failed (exit code {done.returncode}): {tail}"
+        return IsolatedMeasurement(None, None, f"the benchmark probe failed (exit code {done.returncode}): {tail}")
     lines = done.stdout.strip().splitlines()
     try:
         result = json.loads(lines[-1])
         peak, baseline = int(result["peak_rss_bytes"]), int(result["baseline_rss_bytes"])
+        stats = LatencyStats(**result["latency"]) if result.get("latency") else None
     except (IndexError, ValueError, KeyError, TypeError) as err:
-        return None, f"the memory probe printed no result ({type(err).__name__}): {done.stdout.strip()[-_STDERR_TAIL:]}"
-    return max(peak - baseline, 0), None
+        return IsolatedMeasurement(
+            None, None,
+            f"the benchmark probe printed no result ({type(err).__name__}): {done.stdout.strip()[-_STDERR_TAIL:]}",
+        )
+    return IsolatedMeasurement(max(peak - baseline, 0), stats)
+
+
+def measure_peak_memory(
+    artifact: ArtifactRef, *, threads: int = 1, runs: int = 3, timeout_s: float = 300
+) -> tuple[int | None, str | None]:
+    """Peak memory only (see measure_isolated): (bytes, None) or (None, reason)."""
+    result = measure_isolated(artifact, threads=threads, runs=runs, latency=False, timeout_s=timeout_s)
+    return result.peak_memory_bytes, result.reason
 
 
 def artifact_size_bytes(path: Path) -> int:

@@ -12,7 +12,7 @@ from robopt.domain.analysis import AnalysisReport
 from robopt.domain.records import ArtifactRef, Measurement
 from robopt.errors import EvaluationError
 from robopt.evaluation.base import Evaluator
-from robopt.evaluation.measure import measure_latency, measure_peak_memory
+from robopt.evaluation.measure import measure_isolated, measure_latency
 from robopt.memory.artifacts import ArtifactStore
 from robopt.progress import Progress
 from robopt.tools.analysis import StaticProfile, profile_module
@@ -37,41 +37,49 @@ def profile_artifact(
     threads: int,
     progress: Progress,
     seed: int = 0,
-    measure_memory: bool = True,
+    isolated: bool = True,
     source: str | None = None,
     hf_config: dict | None = None,
     model: nn.Module | None = None,
 ) -> ArtifactProfile:
     """Load `ref` (unless `model` is given), profile it and measure it. Raises EvaluationError if the
-    evaluator fails; everything else that cannot be measured is recorded in `unmeasured` with its reason."""
+    evaluator fails; everything else that cannot be measured is recorded in `unmeasured` with its reason.
+
+    With `isolated` (the default) latency and peak memory come from a fresh benchmark process, so every
+    model is timed under the same conditions; otherwise latency is timed in this process and memory skipped.
+    """
     model = model if model is not None else store.load(ref)
     inputs = make_example_inputs(ref.input_spec, seed) if ref.input_spec else None
     unmeasured: dict[str, str] = {}
 
     progress.message("profile", "static analysis")
     static: StaticProfile = (
-        profile_onnx(Path(ref.path), input_spec=ref.input_spec) if ref.format == "onnx" else profile_module(model, inputs, hf_config=hf_config)
+        profile_onnx(Path(ref.path), input_spec=ref.input_spec)
+        if ref.format == "onnx"
+        else profile_module(model, inputs, hf_config=hf_config)
     )
     unmeasured.update(static.unmeasured)
 
     finite = True
     latency = None
+    peak = None
     if inputs is None:
         unmeasured["latency"] = "no input shape is known: pass --input-shape (e.g. 1,3,224,224)"
     else:
         with torch.no_grad():
             finite = all_finite(model(*inputs))
-        progress.message("latency", "measuring latency")
-        latency = measure_latency(model, inputs, threads=threads, progress=progress)
-
-    peak = None
-    if measure_memory:
-        progress.message("memory", "measuring peak memory in a subprocess")
-        peak, reason = measure_peak_memory(ref, threads=threads)
-        if reason:
-            unmeasured["peak_memory"] = reason
+        if not isolated:
+            progress.message("latency", "measuring latency in-process")
+            latency = measure_latency(model, inputs, threads=threads, progress=progress)
+    if isolated:
+        progress.message("benchmark", f"measuring latency ({threads} threads) and peak memory in a fresh process")
+        bench = measure_isolated(ref, threads=threads, latency=inputs is not None)
+        peak, latency = bench.peak_memory_bytes, bench.latency
+        if bench.reason:
+            unmeasured.setdefault("latency", bench.reason)
+            unmeasured["peak_memory"] = bench.reason
     else:
-        unmeasured["peak_memory"] = "disabled for this run"
+        unmeasured["peak_memory"] = "not measured: isolated measurement is off for this run"
 
     metrics: dict[str, float] = {}
     if evaluator is not None:

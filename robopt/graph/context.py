@@ -25,8 +25,10 @@ class Context:
     max_attempts: int = field(default=12, metadata={"description": "Stop after this many applied steps."})
     max_replans: int = field(default=8, metadata={"description": "Stop after this many replans."})
     seed: int = field(default=0, metadata={"description": "Seed for example inputs and techniques."})
-    measure_memory: bool = field(
-        default=True, metadata={"description": "Measure peak memory in a subprocess (about 2 s per model)."}
+    isolated_measurement: bool = field(
+        default=True,
+        metadata={"description": "Measure latency and peak memory in a fresh process (about 3 s per model); "
+                  "False times latency in-process and skips memory."},
     )
     cancel: Any = field(default=None, metadata={"description": "A threading.Event that cancels the run when set."})
 

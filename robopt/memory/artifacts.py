@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,7 +167,10 @@ class ArtifactStore:
 
             return OnnxModule(ref.path)
         # Written by this store and hash-verified above: unpickling our own full-module artifact is safe.
-        return torch.load(ref.path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            # quantized modules' packed params still use TypedStorage internally; nothing for the user to do
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return torch.load(ref.path, map_location="cpu", weights_only=False)
 
     def list(self) -> list[ArtifactRef]:
         return [self.get(p.name) for p in sorted(self.root.iterdir()) if (p / MANIFEST).is_file()]

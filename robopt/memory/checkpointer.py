@@ -31,16 +31,19 @@ def open_persistence(settings: Settings) -> Iterator[Persistence]:
         from langgraph.store.sqlite import SqliteStore
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # One connection each: the saver and the store run their own transactions, from different threads.
+        saver_conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+        store_conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        saver_conn.execute("PRAGMA journal_mode=WAL")
         try:
-            saver = SqliteSaver(conn)
+            saver = SqliteSaver(saver_conn)
             saver.setup()
-            store = SqliteStore(conn)
+            store = SqliteStore(store_conn)
             store.setup()
             yield Persistence(saver, store)
         finally:
-            conn.close()
+            saver_conn.close()
+            store_conn.close()
         return
     url = settings.database_url or ""
     if not url.startswith(("postgres://", "postgresql://")):

@@ -271,7 +271,15 @@ def test_structured_refuses_transformers(mlp: Trained) -> None:
 def test_estimates_are_consistent_with_the_model(mlp: Trained, cnn: Trained) -> None:
     est = {n: get_technique(n).estimate(mlp.analysis, get_technique(n).default_config()) for n in TECHNIQUES}
     assert 0.25 < est["quantize_dynamic_int8"].size_ratio < 0.3  # the MLP is ~100% Linear parameters
-    assert est["quantize_dynamic_int8"].speedup > 1.5
+    # Small layers at batch 1: int8 does not pay off on this CPU (measured), so no speed-up is promised ...
+    assert est["quantize_dynamic_int8"].speedup < 1.0
+    # ... while ~1M-weight layers (or big batches) are expected to run ~2x faster.
+    big = mlp.analysis.model_copy(
+        update={"params_by_layer_type": {k: v * 64 for k, v in mlp.analysis.params_by_layer_type.items()},
+                "param_count": mlp.analysis.param_count * 64}
+    )
+    dynamic_big = get_technique("quantize_dynamic_int8").estimate(big, get_technique("quantize_dynamic_int8").default_config())
+    assert dynamic_big.speedup > 1.5
     assert est["weight_only_int8"].speedup < 1.0  # honest: slower on CPU
     assert est["weight_only_int4"].size_ratio < est["weight_only_int8"].size_ratio
     assert est["weight_only_int4"].speedup < 1.0
@@ -282,7 +290,7 @@ def test_estimates_are_consistent_with_the_model(mlp: Trained, cnn: Trained) -> 
     dynamic = get_technique("quantize_dynamic_int8")
     cnn_est = dynamic.estimate(cnn.analysis, dynamic.default_config())
     assert cnn_est.size_ratio > est["quantize_dynamic_int8"].size_ratio
-    assert cnn_est.speedup < est["quantize_dynamic_int8"].speedup
+    assert cnn_est.speedup <= 1.0
 
 
 @pytest.mark.parametrize("name", TECHNIQUES)

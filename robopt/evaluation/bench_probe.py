@@ -1,7 +1,10 @@
-"""Peak-memory probe: `python -m robopt.evaluation.memory_probe` loads one artifact, runs it, prints its peak RSS.
+"""Isolated benchmark: `python -m robopt.evaluation.bench_probe` loads one artifact in a fresh process, runs it,
+and prints its peak RSS and, when asked, its latency.
 
-Reads `{"artifact": <ArtifactRef JSON>, "threads": n, "runs": n}` on stdin and prints one JSON line
-`{"peak_rss_bytes", "baseline_rss_bytes", "method"}`. The baseline is taken after every import the
+Reads `{"artifact": <ArtifactRef JSON>, "threads": n, "runs": n, "latency": {measure_latency kwargs} | null}`
+on stdin and prints one JSON line `{"peak_rss_bytes", "baseline_rss_bytes", "method", "latency"}`.
+A fresh process gives every model the same conditions: no OpenMP pool left busy by other threads, no
+other Python threads competing for the GIL, and exactly `threads` intra-op threads. The baseline is taken after every import the
 load needs (torch, robopt, onnxruntime, and the modules named in a pickled model), so peak - baseline
 is what loading and running the model cost. The peak is the kernel's high-water mark (VmHWM, reset
 after imports through /proc/self/clear_refs), a true peak rather than a sampled value; where that
@@ -110,7 +113,14 @@ def main() -> None:
             model(*inputs)
     peak = _status_bytes("VmHWM") if hwm else _maxrss_bytes()
     method = "VmHWM" if hwm else "ru_maxrss"
-    print(json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "method": method}))
+    latency = None
+    if request.get("latency") is not None:
+        from dataclasses import asdict
+
+        from robopt.evaluation.measure import measure_latency
+
+        latency = asdict(measure_latency(model, inputs, threads=threads, **request["latency"]))
+    print(json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "method": method, "latency": latency}))
 
 
 if __name__ == "__main__":
