@@ -29,6 +29,13 @@ class Settings(BaseSettings):
         "or a postgresql:// URL (needs the 'postgres' extra).",
     )
     threads: int = Field(default=0, ge=0, description="CPU threads for latency measurement; 0 = all cores.")
+    plugins: str = Field(
+        default="",
+        description="Comma-separated modules imported at start-up to register extra techniques or evaluators.",
+    )
+
+    def plugin_modules(self) -> list[str]:
+        return [m.strip() for m in self.plugins.split(",") if m.strip()]
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -122,7 +122,13 @@ def register_technique(cls: type[Technique]) -> type[Technique]:
 
 
 def _ensure_builtin() -> None:
+    import importlib
+
     import robopt.tools.techniques  # noqa: F401  (registers the built-in techniques on import)
+    from robopt.settings import get_settings
+
+    for module in get_settings().plugin_modules():  # ROBOPT_PLUGINS: third-party techniques register on import
+        importlib.import_module(module)
 
 
 def list_techniques() -> list[Technique]:
