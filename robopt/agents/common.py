@@ -97,6 +97,13 @@ def make_evaluator(state: State, env: NodeEnv) -> Evaluator:
     )
 
 
+def history_key(state: State) -> str:
+    """Past attempts are comparable only on the same model judged by the same evaluator."""
+    baseline = AnalysisReport.model_validate(state["baseline"]["analysis"])
+    spec = EvaluatorSpec.model_validate(state["evaluator_resolved"])
+    return f"{baseline.fingerprint()}|{spec.name}:{spec.dataset or ''}"
+
+
 def decider_event(agent: str, decider: str, ok: bool, detail: str = "") -> dict[str, Any]:
     return DeciderEvent(agent=agent, decider=decider, ok=ok, detail=detail).model_dump()  # type: ignore[arg-type]
 

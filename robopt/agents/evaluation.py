@@ -7,7 +7,15 @@ from typing import Literal
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from robopt.agents.common import ModelView, criteria_of, log_attempt, make_evaluator, model_state, node_env
+from robopt.agents.common import (
+    ModelView,
+    criteria_of,
+    history_key,
+    log_attempt,
+    make_evaluator,
+    model_state,
+    node_env,
+)
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import ArtifactRef, Attempt, PlanStep
 from robopt.errors import EvaluationError
@@ -28,7 +36,7 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
     attempt = Attempt(
         index=candidate["index"], step=step, status="rejected", input_artifact=current.artifact.sha256,
         artifact=ref, backend=candidate["backend"], duration_s=candidate["duration_s"],
-        session=state.get("session"), model_fingerprint=baseline.analysis.fingerprint(),
+        session=state.get("session"), model_fingerprint=history_key(state),
     )
     try:
         profile = profile_artifact(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from robopt.agents.common import ModelView, json_safe, log_attempt, node_env
+from robopt.agents.common import ModelView, history_key, json_safe, log_attempt, node_env
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import Attempt
 from robopt.errors import CancelledError, TechniqueFailedError
@@ -34,27 +36,32 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
         model = env.store.load(current.artifact)
         inputs = make_example_inputs(current.artifact.input_spec, env.context.seed) \
             if current.artifact.input_spec else None
-        result = technique.apply(
-            model,
-            config,
-            ApplyContext(analysis=current.analysis, example_inputs=inputs, progress=env.progress,
-                         seed=env.context.seed),
-        )
-        if inputs is not None:
-            with torch.no_grad():
-                if not all_finite(result.model(*inputs)):
-                    raise TechniqueFailedError(f"{step.technique} produced a model with NaN/inf outputs")
-        ref = env.store.put_module(
-            result.model, parent=current.artifact.sha256, technique=step.technique,
-            input_spec=current.artifact.input_spec,
-        )
+        with tempfile.TemporaryDirectory(prefix="robopt-step-") as workdir:
+            result = technique.apply(
+                model,
+                config,
+                ApplyContext(analysis=current.analysis, example_inputs=inputs, progress=env.progress,
+                             seed=env.context.seed, workdir=Path(workdir)),
+            )
+            if inputs is not None:
+                with torch.no_grad():
+                    if not all_finite(result.model(*inputs)):
+                        raise TechniqueFailedError(f"{step.technique} produced a model with NaN/inf outputs")
+            provenance = {"parent": current.artifact.sha256, "technique": step.technique,
+                          "input_spec": current.artifact.input_spec}
+            if result.onnx_path is not None:
+                import onnx
+
+                ref = env.store.put_onnx(onnx.load(str(result.onnx_path)), **provenance)
+            else:
+                ref = env.store.put_module(result.model, **provenance)
     except CancelledError:
         raise
     except Exception as e:  # a technique may fail in any library: the failure is the attempt's recorded outcome
         attempt = Attempt(
             index=index, step=step, status="failed", reason=f"{type(e).__name__}: {e}",
             input_artifact=current.artifact.sha256, duration_s=time.perf_counter() - started,
-            session=state.get("session"), model_fingerprint=ModelView.of(state["baseline"]).analysis.fingerprint(),
+            session=state.get("session"), model_fingerprint=history_key(state),
         )
         return Command(goto="rollback", update={"candidate": None, "attempts": [log_attempt(env, attempt)]})
     candidate = {

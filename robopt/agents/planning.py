@@ -8,7 +8,7 @@ from typing import Literal
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from robopt.agents.common import ModelView, attempts_of, criteria_of, decider_event, node_env
+from robopt.agents.common import ModelView, attempts_of, criteria_of, decider_event, history_key, node_env
 from robopt.agents.deciders.chat_model import resolve_chat_model
 from robopt.agents.deciders.llm_planner import llm_plan
 from robopt.agents.deciders.rule_planner import rule_plan
@@ -40,7 +40,7 @@ def plan(state: State, runtime: Runtime[Context]) -> Command[Literal["optimize",
     baseline = ModelView.of(state["baseline"])
     criteria = criteria_of(state)
     attempts = attempts_of(state)
-    history = past_attempts(runtime.store, baseline.analysis.fingerprint(), exclude_session=state.get("session"))
+    history = past_attempts(runtime.store, history_key(state), exclude_session=state.get("session"))
     allowed = set(state["techniques"]) if state.get("techniques") else None
     events: list[dict] = []
 

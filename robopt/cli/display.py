@@ -95,11 +95,14 @@ class LiveDisplay:
         )
 
 
-def _ratio(before: float | None, after: float | None, invert: bool = False) -> str:
+def _change(before: float | None, after: float | None, better: str, worse: str) -> str:
+    """'3.20x smaller' / '1.37x slower': the factor between two measurements, always >= 1, with its direction."""
     if not before or not after:
         return "-"
-    r = before / after if not invert else after / before
-    return f"{r:.2f}x"
+    ratio = before / after
+    if abs(ratio - 1) < 0.005:
+        return "unchanged"
+    return f"{ratio:.2f}x {better}" if ratio > 1 else f"{1 / ratio:.2f}x {worse}"
 
 
 def measurement_rows(m: Measurement) -> dict[str, str]:
@@ -123,12 +126,13 @@ def result_table(result: OptimizationResult) -> Table:
     table.add_column("after", justify="right")
     table.add_column("change", justify="right")
     before, after = measurement_rows(base), measurement_rows(best)
+    before.pop("samples", None)
     changes = {
-        "size": f"{_ratio(base.size_bytes, best.size_bytes)} smaller",
-        "parameters": _ratio(base.param_count, best.param_count, invert=True),
-        "latency p50": f"{_ratio(base.latency_ms_p50, best.latency_ms_p50)} faster",
-        "latency p95": f"{_ratio(base.latency_ms_p95, best.latency_ms_p95)} faster",
-        "peak memory": _ratio(base.peak_memory_bytes, best.peak_memory_bytes, invert=True),
+        "size": _change(base.size_bytes, best.size_bytes, "smaller", "larger"),
+        "parameters": _change(base.param_count, best.param_count, "fewer", "more"),
+        "latency p50": _change(base.latency_ms_p50, best.latency_ms_p50, "faster", "slower"),
+        "latency p95": _change(base.latency_ms_p95, best.latency_ms_p95, "faster", "slower"),
+        "peak memory": _change(base.peak_memory_bytes, best.peak_memory_bytes, "less", "more"),
     }
     for name in before:
         change = changes.get(name)

@@ -25,7 +25,11 @@ class FidelityOptions(BaseModel):
 
 
 class OutputFidelityEvaluator(Evaluator):
-    """`top1_agreement` (argmax over the last dim), mean `cosine` of flattened outputs, `max_abs_error`."""
+    """`top1_agreement` (argmax over the last dim), mean `cosine` of flattened outputs, `max_abs_error`.
+
+    The primary metric follows what the output is: top-1 agreement for logits-like outputs ([batch, classes]),
+    cosine for everything else (embeddings, hidden states, continuous actions), where an argmax means nothing.
+    """
 
     name = DEFAULT_EVALUATOR_NAME
     description = "agreement with the original model's outputs on deterministic random inputs (no data needed)"
@@ -68,6 +72,8 @@ class OutputFidelityEvaluator(Evaluator):
                     "give an evaluator with real data (e.g. classification with a .npz file)",
                 )
             self._reference_outputs = outputs
+            first = outputs[0]
+            self.primary_metric = "top1_agreement" if first.ndim == 2 and first.shape[-1] > 1 else "cosine"
         return self._reference_outputs
 
     def evaluate(self, model: nn.Module, progress: Progress) -> dict[str, float]:

@@ -93,7 +93,7 @@ def judge_candidate(
             f"latency x{1 / speed_gain:.2f}",
             False,
         )
-    notes = [f"size x{1 / size_gain:.2f}", f"latency x{1 / speed_gain:.2f}"]
+    notes = [f"size {1 / size_gain:.2f}x of the current model", f"latency {1 / speed_gain:.2f}x"]
     if speed_gain < 1 - MIN_SPEED_GAIN:
         notes.append("SLOWER than the model it replaces")
     met = all(c.met for c in checks.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -49,22 +50,29 @@ class Estimate:
 
 @dataclass
 class ApplyContext:
-    """What a technique may use besides the model: example inputs, the analysis, progress, a seed."""
+    """What a technique may use besides the model: example inputs, the analysis, progress, a seed, and a
+    scratch directory (deleted after the result is stored) for techniques that write files."""
 
     analysis: AnalysisReport
     example_inputs: tuple[Any, ...] | None = None
     progress: Progress = field(default_factory=Progress)
     seed: int = 0
+    workdir: Path | None = None
 
 
 @dataclass
 class TechniqueResult:
-    """The transformed model and how it was made. `backend` names the library/kernel that ran."""
+    """The transformed model and how it was made. `backend` names the library/kernel that ran.
+
+    Techniques that produce an ONNX graph also set `onnx_path` (a file in the context's workdir); the
+    artifact is then stored from that file, and `model` is the runnable OnnxModule over it.
+    """
 
     model: nn.Module
     backend: str
     notes: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    onnx_path: Path | None = None
 
 
 class Technique(ABC):

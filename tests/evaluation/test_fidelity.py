@@ -117,3 +117,17 @@ def test_onnx_export_matches_eager_reference(policy, tmp_path) -> None:
 def test_bad_options(policy) -> None:
     with pytest.raises(EvaluationError, match="invalid options"):
         build_evaluator(EvaluatorSpec(name="output-fidelity", options={"samples": -1}), _setup(policy))
+
+
+def test_primary_metric_is_cosine_for_sequence_outputs() -> None:
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 32)).eval()  # [batch, tokens, hidden]
+    spec = InputSpec(inputs=[TensorSpec(shape=[1, 6], dtype="int64", high=50)], source="caller")
+    evaluator = build_evaluator(FIDELITY, _setup(encoder, spec))
+    noised = copy.deepcopy(encoder)
+    with torch.no_grad():
+        noised[1].weight.add_(0.01 * torch.randn_like(noised[1].weight))
+    metrics = evaluator.evaluate(noised, Progress())
+    # argmax over hidden units is meaningless here; the judge must read cosine, which stays high
+    assert evaluator.primary_metric == "cosine"
+    assert metrics["cosine"] > 0.99 and metrics["top1_agreement"] < 1.0

@@ -127,3 +127,28 @@ def test_time_budget_stops_new_attempts(fresh_data_dir):
     assert result.attempts == []
     assert "time budget" in result.stop_reason
     assert not result.criteria_met
+
+
+def test_an_onnx_model_is_optimized_as_onnx(fresh_data_dir, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from robopt import zoo
+    from robopt.evaluation.datasets import digits_split
+    from robopt.tools.loading import load_model
+
+    path, card = zoo.resolve("digits-cnn", fresh_data_dir / "zoo")
+    module = load_model(path, architecture=card.instantiate().__class__).module
+    onnx_path = tmp_path / "digits.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 1, 8, 8),), str(onnx_path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    result = api.optimize(str(onnx_path), Criteria(max_size_ratio=1 / 3), evaluator="classification:digits",
+                          context=FAST)
+    assert result.criteria_met
+    assert result.best.artifact.format == "onnx" and result.best.artifact.technique == "onnx_dynamic_int8"
+    # the artifact is a plain ONNX file: onnxruntime alone reproduces the reported accuracy
+    _, _, x_test, y_test = digits_split()
+    session = ort.InferenceSession(result.artifact, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"x": x_test.numpy()})[0]
+    measured = float((logits.argmax(1) == y_test.numpy()).mean())
+    assert measured == pytest.approx(result.best.measurement.metrics["accuracy"], abs=1e-12)

@@ -54,6 +54,21 @@ def _untried_configs(technique: Technique, tried: dict[str, str]) -> list[Techni
     return [c for i, c in enumerate(ladder) if i >= start and keys[i] not in tried]
 
 
+def _still_fails(past: Attempt, baseline: Measurement, criteria: Criteria) -> bool:
+    """A past session's attempt (same model, same evaluator) rules a config out if it raised, or if its measured
+    metric drop breaks today's budget. Rejections that depended on that session's limits (no gain, latency)
+    do not carry over."""
+    if past.status == "failed":
+        return True
+    if past.status != "rejected" or past.measurement is None or baseline.primary_value is None:
+        return False
+    value = past.measurement.metrics.get(baseline.primary_metric or "")
+    if value is None:
+        return False
+    drop = baseline.primary_value - value if baseline.higher_is_better else value - baseline.primary_value
+    return drop > criteria.allowed_drop(baseline.primary_value)
+
+
 def rule_plan(
     *,
     analysis: AnalysisReport,
@@ -70,11 +85,11 @@ def rule_plan(
     config taken from the technique's ladder (default, then milder ones). The option chosen is the
     least risky one whose estimated size and speed meet the limits; without a feasible option, the one
     that gets closest; without limits, the least risky one that makes the model both smaller and not
-    slower. Past sessions' rejections on the same model count as tried.
+    slower. Past sessions' failures on the same model and evaluator count as tried (see _still_fails).
     """
     tried: dict[str, str] = {}
-    for a in (past_attempts or []):
-        if a.status in ("rejected", "failed"):
+    for a in past_attempts or []:
+        if _still_fails(a, baseline, criteria):
             tried[a.step.key()] = a.status
     for a in attempts:
         tried[a.step.key()] = a.status
@@ -146,6 +161,11 @@ def rule_plan(
         ]
         best = min(useful, key=lambda o: (o.risk, o.size_ratio, -o.speedup), default=None)
         goal = "no size or latency limit: the least risky option that shrinks the model"
+        if best is None and options:
+            return OptimizationPlan(
+                steps=[], decider="rules",
+                summary="no remaining technique is expected to make the model smaller or faster",
+            )
     else:
         feasible = [o for o in options if shortfall(o) == 0]
         if feasible:
