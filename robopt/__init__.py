@@ -31,7 +31,22 @@ _EXPORTS = {
     "build_graph": "robopt.graph.build",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 (grouped like _EXPORTS)
+    "optimize",
+    "chat",
+    "analyze",
+    "resume",
+    "history",
+    "rollback",
+    "Criteria",
+    "OptimizationResult",
+    "AnalysisReport",
+    "EvaluatorSpec",
+    "LoadOptions",
+    "load_model",
+    "Context",
+    "build_graph",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -86,8 +86,9 @@ def optimize(
     `result.artifact` is the best model's artifact path; `result.attempts` lists every step tried.
     """
     context = context or Context()
-    options = LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) \
-        else load_options
+    options = (
+        LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) else load_options
+    )
     spec = parse_evaluator(evaluator)
     inputs: dict[str, Any] = {
         "model": _model_reference(model, options, context),
@@ -111,14 +112,15 @@ def chat(
     """Optimize from a natural-language request, e.g. "shrink digits-cnn to under 100 KB, lose at most 1%"."""
     spec = parse_evaluator(evaluator)
     inputs = {"request": request, "evaluator": spec.model_dump(mode="json") if spec else None}
-    outcome = run_session(
-        inputs, session=session or new_session_id(), context=context or Context(), on_event=on_event
-    )
+    outcome = run_session(inputs, session=session or new_session_id(), context=context or Context(), on_event=on_event)
     return outcome.result()
 
 
 def resume(
-    session: str, *, context: Context | None = None, on_event: EventHandler | None = None,
+    session: str,
+    *,
+    context: Context | None = None,
+    on_event: EventHandler | None = None,
     checkpoint: str | None = None,
 ) -> OptimizationResult:
     """Continue a session from its last checkpoint (or from `checkpoint`, forking the session there)."""
@@ -152,17 +154,27 @@ def analyze(
 
     context = context or Context()
     settings = context.settings()
-    options = LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) \
-        else load_options
+    options = (
+        LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) else load_options
+    )
     store = ArtifactStore(settings.artifacts_dir)
     progress = progress or Progress(node="analyze")
     ingested = ingest_model(
-        _model_reference(model, options, context), store=store, zoo_dir=settings.zoo_dir, options=options,
+        _model_reference(model, options, context),
+        store=store,
+        zoo_dir=settings.zoo_dir,
+        options=options,
         progress=progress,
     )
     profile = profile_artifact(
-        store, ingested.artifact, evaluator=None, threads=settings.effective_threads(), progress=progress,
-        seed=context.seed, isolated=context.isolated_measurement, source=ingested.source,
+        store,
+        ingested.artifact,
+        evaluator=None,
+        threads=settings.effective_threads(),
+        progress=progress,
+        seed=context.seed,
+        isolated=context.isolated_measurement,
+        source=ingested.source,
         hf_config=ingested.hf_config,
     )
     report = profile.analysis

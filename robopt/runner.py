@@ -125,7 +125,9 @@ def rollback_session(session: str, checkpoint: str, context: Context) -> Optimiz
     """Make the accepted model at `checkpoint` (an id or unique prefix) the session's result, as a new checkpoint."""
     with open_persistence(context.settings()) as persistence:
         graph = build_graph(persistence.checkpointer, persistence.store)
-        matches = [s for s in _history(graph, session) if s.config["configurable"]["checkpoint_id"].startswith(checkpoint)]
+        matches = [
+            s for s in _history(graph, session) if s.config["configurable"]["checkpoint_id"].startswith(checkpoint)
+        ]
         if len(matches) != 1:
             raise CheckpointNotFoundError(
                 f"{len(matches) or 'no'} checkpoints of session {session} match {checkpoint!r}",

@@ -1,4 +1,5 @@
-"""Analysis agent: profiles the baseline (static analysis, latency, memory, task metric) and what each technique could gain."""
+"""Analysis agent: profiles the baseline (static analysis, latency, memory, task metric) and what each
+technique could gain."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def analyze(state: State, runtime: Runtime[Context]) -> Command[Literal["plan"]]
     analysis.source_format = ingested["source_format"]
     analysis.techniques = [t.outlook(analysis) for t in list_techniques()]
     baseline = model_state(ref, profile.measurement, analysis)
-    env.progress.emit({"type": "analysis", "node": "analyze", "analysis": baseline["analysis"],
-                       "measurement": baseline["measurement"]})
+    env.progress.emit(
+        {
+            "type": "analysis",
+            "node": "analyze",
+            "analysis": baseline["analysis"],
+            "measurement": baseline["measurement"],
+        }
+    )
     return Command(goto="plan", update={"baseline": baseline, "current": baseline})

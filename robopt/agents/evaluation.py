@@ -34,15 +34,27 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
     current = ModelView.of(state["current"])
     baseline = ModelView.of(state["baseline"])
     attempt = Attempt(
-        index=candidate["index"], step=step, status="rejected", input_artifact=current.artifact.sha256,
-        artifact=ref, backend=candidate["backend"], duration_s=candidate["duration_s"],
-        session=state.get("session"), model_fingerprint=history_key(state),
+        index=candidate["index"],
+        step=step,
+        status="rejected",
+        input_artifact=current.artifact.sha256,
+        artifact=ref,
+        backend=candidate["backend"],
+        duration_s=candidate["duration_s"],
+        session=state.get("session"),
+        model_fingerprint=history_key(state),
     )
     try:
         profile = profile_artifact(
-            env.store, ref, evaluator=make_evaluator(state, env), threads=env.threads, progress=env.progress,
-            seed=env.context.seed, isolated=env.context.isolated_measurement,
-            source=state["ingested"]["source"], hf_config=state["ingested"].get("hf_config"),
+            env.store,
+            ref,
+            evaluator=make_evaluator(state, env),
+            threads=env.threads,
+            progress=env.progress,
+            seed=env.context.seed,
+            isolated=env.context.isolated_measurement,
+            source=state["ingested"]["source"],
+            hf_config=state["ingested"].get("hf_config"),
         )
     except EvaluationError as e:
         attempt.reason = f"evaluation failed: {e.message}"

@@ -69,8 +69,11 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
         spec = EvaluatorSpec.model_validate(ingested.card["evaluator"])
     else:
         spec = EvaluatorSpec(name="output-fidelity")
-    env.progress.message("intake", f"model {ingested.source} ({ingested.source_format}); criteria: "
-                         f"{criteria_obj.describe()}; evaluator: {spec.name}")
+    env.progress.message(
+        "intake",
+        f"model {ingested.source} ({ingested.source_format}); criteria: "
+        f"{criteria_obj.describe()}; evaluator: {spec.name}",
+    )
     return Command(
         goto="analyze",
         update={

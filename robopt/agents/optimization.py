@@ -1,4 +1,5 @@
-"""Optimization agent: applies the next planned step to the last accepted model and stores the result as a new artifact."""
+"""Optimization agent: applies the next planned step to the last accepted model and stores the result as a
+new artifact."""
 
 from __future__ import annotations
 
@@ -28,27 +29,37 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
     step = plan.steps[state.get("cursor", 0)]
     current = ModelView.of(state["current"])
     index = len(state.get("attempts") or [])
-    env.progress.emit({"type": "step", "node": "optimize", "index": index, "technique": step.technique,
-                       "config": step.config})
+    env.progress.emit(
+        {"type": "step", "node": "optimize", "index": index, "technique": step.technique, "config": step.config}
+    )
     started = time.perf_counter()
     try:
         technique, config = validate_step(step, current.analysis)
         model = env.store.load(current.artifact)
-        inputs = make_example_inputs(current.artifact.input_spec, env.context.seed) \
-            if current.artifact.input_spec else None
+        inputs = (
+            make_example_inputs(current.artifact.input_spec, env.context.seed) if current.artifact.input_spec else None
+        )
         with tempfile.TemporaryDirectory(prefix="robopt-step-") as workdir:
             result = technique.apply(
                 model,
                 config,
-                ApplyContext(analysis=current.analysis, example_inputs=inputs, progress=env.progress,
-                             seed=env.context.seed, workdir=Path(workdir)),
+                ApplyContext(
+                    analysis=current.analysis,
+                    example_inputs=inputs,
+                    progress=env.progress,
+                    seed=env.context.seed,
+                    workdir=Path(workdir),
+                ),
             )
             if inputs is not None:
                 with torch.no_grad():
                     if not all_finite(result.model(*inputs)):
                         raise TechniqueFailedError(f"{step.technique} produced a model with NaN/inf outputs")
-            provenance = {"parent": current.artifact.sha256, "technique": step.technique,
-                          "input_spec": current.artifact.input_spec}
+            provenance = {
+                "parent": current.artifact.sha256,
+                "technique": step.technique,
+                "input_spec": current.artifact.input_spec,
+            }
             if result.onnx_path is not None:
                 import onnx
 
@@ -59,9 +70,14 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
         raise
     except Exception as e:  # a technique may fail in any library: the failure is the attempt's recorded outcome
         attempt = Attempt(
-            index=index, step=step, status="failed", reason=f"{type(e).__name__}: {e}",
-            input_artifact=current.artifact.sha256, duration_s=time.perf_counter() - started,
-            session=state.get("session"), model_fingerprint=history_key(state),
+            index=index,
+            step=step,
+            status="failed",
+            reason=f"{type(e).__name__}: {e}",
+            input_artifact=current.artifact.sha256,
+            duration_s=time.perf_counter() - started,
+            session=state.get("session"),
+            model_fingerprint=history_key(state),
         )
         return Command(goto="rollback", update={"candidate": None, "attempts": [log_attempt(env, attempt)]})
     candidate = {

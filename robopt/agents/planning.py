@@ -16,7 +16,7 @@ from robopt.domain.plan import OptimizationPlan
 from robopt.graph.context import Context
 from robopt.graph.state import State
 from robopt.memory.history import past_attempts
-from robopt.tools.registry import list_techniques
+from robopt.tools.registry import plannable
 
 
 def stop_reason(state: State, context: Context) -> str | None:
@@ -49,10 +49,7 @@ def plan(state: State, runtime: Runtime[Context]) -> Command[Literal["optimize",
     if error:
         events.append(decider_event("plan", "llm", False, error))
     if chat is not None:
-        usable = [
-            t for t in list_techniques()
-            if (allowed is None or t.name in allowed) and t.outlook(current.analysis).applicable
-        ]
+        usable = [t for t in plannable(allowed) if t.outlook(current.analysis).applicable]
         try:
             result = llm_plan(
                 chat,

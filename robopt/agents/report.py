@@ -35,6 +35,7 @@ def build_result(state: State, stop_reason: str | None = None) -> OptimizationRe
 def report(state: State, runtime: Runtime[Context]) -> dict[str, Any]:
     env = node_env("report", runtime)
     result = build_result(state)
-    env.progress.emit({"type": "result", "node": "report", "criteria_met": result.criteria_met,
-                       "stop_reason": result.stop_reason})
+    env.progress.emit(
+        {"type": "result", "node": "report", "criteria_met": result.criteria_met, "stop_reason": result.stop_reason}
+    )
     return {"result": result.model_dump(mode="json")}

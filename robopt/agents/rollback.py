@@ -1,4 +1,5 @@
-"""Rollback agent: discards the failed candidate, proves the last accepted artifact is intact, and asks for a new plan."""
+"""Rollback agent: discards the failed candidate, proves the last accepted artifact is intact, and asks for
+a new plan."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def rollback(state: State, runtime: Runtime[Context]) -> Command[Literal["plan"]
     env.store.verify(current.artifact)
     last = (state.get("attempts") or [{}])[-1]
     env.progress.message(
-        "rollback", f"back to {current.artifact.sha256[:12]} after {last.get('status')} "
-        f"{last.get('step', {}).get('technique')}: {last.get('reason')}"
+        "rollback",
+        f"back to {current.artifact.sha256[:12]} after {last.get('status')} "
+        f"{last.get('step', {}).get('technique')}: {last.get('reason')}",
     )
     return Command(goto="plan", update={"candidate": None})

@@ -30,7 +30,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 LlmOpt = Annotated[
-    str | None, typer.Option("--llm", help="Chat model spec for the agents, e.g. openai:gpt-4.1-mini (default: ROBOPT_LLM).")
+    str | None,
+    typer.Option("--llm", help="Chat model spec for the agents, e.g. openai:gpt-4.1-mini (default: ROBOPT_LLM)."),
 ]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default: ROBOPT_DATA_DIR).")]
 
@@ -89,8 +90,9 @@ def _context(llm: str | None = None, data_dir: Path | None = None, threads: int 
     return Context(llm=llm, data_dir=str(data_dir) if data_dir else None, threads=threads)
 
 
-def _load_options(architecture: str | None, architecture_kwargs: str | None, trust_pickle: bool,
-                  input_shape: str | None) -> dict[str, Any]:
+def _load_options(
+    architecture: str | None, architecture_kwargs: str | None, trust_pickle: bool, input_shape: str | None
+) -> dict[str, Any]:
     options: dict[str, Any] = {"trust_pickle": trust_pickle}
     if architecture:
         options["architecture"] = architecture
@@ -98,7 +100,9 @@ def _load_options(architecture: str | None, architecture_kwargs: str | None, tru
         try:
             options["architecture_kwargs"] = json.loads(architecture_kwargs)
         except json.JSONDecodeError as e:
-            raise RoboptError(f"--architecture-kwargs is not JSON: {e}", 'e.g. --architecture-kwargs \'{"hidden": 64}\'')
+            raise RoboptError(
+                f"--architecture-kwargs is not JSON: {e}", "e.g. --architecture-kwargs '{\"hidden\": 64}'"
+            ) from e
     if input_shape:
         try:
             options["input_shape"] = [int(d) for d in input_shape.replace("x", ",").split(",") if d.strip()]
@@ -138,7 +142,9 @@ def optimize(
         str | None, typer.Option(help="classification[:DATA] (DATA: digits or a .npz with x,y) or output-fidelity.")
     ] = None,
     technique: Annotated[list[str] | None, typer.Option(help="Only plan with these techniques (repeatable).")] = None,
-    architecture: Annotated[str | None, typer.Option(help="pkg.module:Class for state dicts / bare safetensors.")] = None,
+    architecture: Annotated[
+        str | None, typer.Option(help="pkg.module:Class for state dicts / bare safetensors.")
+    ] = None,
     architecture_kwargs: Annotated[str | None, typer.Option(help="JSON constructor kwargs for --architecture.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow loading pickled modules (can execute code!).")] = False,
     input_shape: Annotated[str | None, typer.Option(help="Input shape with batch, e.g. 1,3,224,224.")] = None,
@@ -152,20 +158,37 @@ def optimize(
     from robopt import api
     from robopt.domain.criteria import criteria_from_strings
 
-    criteria = criteria_from_strings(max_size=max_size, max_accuracy_drop=max_accuracy_drop,
-                                     max_latency=max_latency, target=target, time_budget=time_budget)
+    criteria = criteria_from_strings(
+        max_size=max_size,
+        max_accuracy_drop=max_accuracy_drop,
+        max_latency=max_latency,
+        target=target,
+        time_budget=time_budget,
+    )
     options = _load_options(architecture, architecture_kwargs, trust_pickle, input_shape)
     context = _context(llm, data_dir, threads)
-    result = _run_with_display(as_json, lambda on_event: api.optimize(
-        model, criteria, evaluator=evaluator, load_options=options, techniques=technique or None,
-        session=session, context=context, on_event=on_event))
+    result = _run_with_display(
+        as_json,
+        lambda on_event: api.optimize(
+            model,
+            criteria,
+            evaluator=evaluator,
+            load_options=options,
+            techniques=technique or None,
+            session=session,
+            context=context,
+            on_event=on_event,
+        ),
+    )
     _print_outcome(result, as_json)
 
 
 @app.command()
 @_handle_errors
 def chat(
-    request: Annotated[str, typer.Argument(help='e.g. "shrink digits-cnn to under 100 KB and lose at most 1% accuracy"')],
+    request: Annotated[
+        str, typer.Argument(help='e.g. "shrink digits-cnn to under 100 KB and lose at most 1% accuracy"')
+    ],
     evaluator: Annotated[str | None, typer.Option(help="Evaluator override, as for optimize.")] = None,
     session: Annotated[str | None, typer.Option(help="Session id (default: new).")] = None,
     llm: LlmOpt = None,
@@ -176,8 +199,10 @@ def chat(
     from robopt import api
 
     context = _context(llm, data_dir)
-    result = _run_with_display(as_json, lambda on_event: api.chat(
-        request, evaluator=evaluator, session=session, context=context, on_event=on_event))
+    result = _run_with_display(
+        as_json,
+        lambda on_event: api.chat(request, evaluator=evaluator, session=session, context=context, on_event=on_event),
+    )
     _print_outcome(result, as_json)
 
 
@@ -205,8 +230,9 @@ def analyze(
         out.print_json(report.model_dump_json())
         return
     with err.status("analysing..."):
-        report = api.analyze(model, load_options=options, context=context,
-                             progress=Progress(emit=lambda e: None, node="analyze"))
+        report = api.analyze(
+            model, load_options=options, context=context, progress=Progress(emit=lambda e: None, node="analyze")
+        )
     out.print(analysis_table(report))
     out.print(techniques_table(report))
 
@@ -273,8 +299,10 @@ def zoo_build(
         out.print(f"[bold]{card.name}[/bold]: {card.description}")
         out.print(f"  weights: {path}")
         out.print(f"  metrics: {card.metrics}")
-        out.print(f"  evaluator: {card.evaluator.name} ({card.evaluator.dataset}); "
-                  f"suggested criteria: {card.suggested_criteria}")
+        out.print(
+            f"  evaluator: {card.evaluator.name} ({card.evaluator.dataset}); "
+            f"suggested criteria: {card.suggested_criteria}"
+        )
 
 
 DEMO_MODEL = "digits-cnn"
@@ -296,8 +324,9 @@ def demo(
     if not as_json:
         err.print(f"[bold]robopt demo[/bold]: {DEMO_MODEL}, criteria: {criteria.describe()}")
     context = _context(llm, data_dir)
-    result = _run_with_display(as_json, lambda on_event: api.optimize(
-        DEMO_MODEL, criteria, context=context, on_event=on_event))
+    result = _run_with_display(
+        as_json, lambda on_event: api.optimize(DEMO_MODEL, criteria, context=context, on_event=on_event)
+    )
     _print_outcome(result, as_json)
     if not result.criteria_met:
         raise typer.Exit(1)
@@ -319,8 +348,9 @@ def sessions(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     for col in ("session", "model", "status", "attempts", "criteria met", "updated"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["session"], str(r["model"]), r["status"], str(r["attempts"]), str(r["criteria_met"]),
-                      str(r["updated_at"]))
+        table.add_row(
+            r["session"], str(r["model"]), r["status"], str(r["attempts"]), str(r["criteria_met"]), str(r["updated_at"])
+        )
     out.print(table)
 
 
@@ -349,8 +379,15 @@ def history(
         table.add_column(col)
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items() if k != "samples")
-        table.add_row(r["checkpoint"], str(r["step"]), ",".join(r["next"]) or "END", str(r["attempts"]),
-                      (r["artifact"] or "-")[:12], format_bytes(r["size_bytes"]), metrics)
+        table.add_row(
+            r["checkpoint"],
+            str(r["step"]),
+            ",".join(r["next"]) or "END",
+            str(r["attempts"]),
+            (r["artifact"] or "-")[:12],
+            format_bytes(r["size_bytes"]),
+            metrics,
+        )
     out.print(table)
     table = Table(title="attempts")
     for col in ("#", "technique", "config", "status", "size", "metrics", "reason"):
@@ -358,8 +395,15 @@ def history(
     for a in attempts:
         m = a.get("measurement") or {}
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in (m.get("metrics") or {}).items() if k != "samples")
-        table.add_row(str(a["index"]), a["step"]["technique"], json.dumps(a["step"]["config"]), a["status"],
-                      format_bytes(m.get("size_bytes")), metrics, a["reason"])
+        table.add_row(
+            str(a["index"]),
+            a["step"]["technique"],
+            json.dumps(a["step"]["config"]),
+            a["status"],
+            format_bytes(m.get("size_bytes")),
+            metrics,
+            a["reason"],
+        )
     out.print(table)
 
 
@@ -380,16 +424,22 @@ def resume(
     context = _context(llm, data_dir)
     checkpoint = None
     if from_checkpoint:
-        matches = [r["checkpoint"] for r in api.history(session, context=context)
-                   if r["checkpoint"].startswith(from_checkpoint)]
+        matches = [
+            r["checkpoint"]
+            for r in api.history(session, context=context)
+            if r["checkpoint"].startswith(from_checkpoint)
+        ]
         if len(matches) != 1:
             from robopt.errors import CheckpointNotFoundError
 
-            raise CheckpointNotFoundError(f"{len(matches) or 'no'} checkpoints match {from_checkpoint!r}",
-                                          f"`robopt history {session}` lists them")
+            raise CheckpointNotFoundError(
+                f"{len(matches) or 'no'} checkpoints match {from_checkpoint!r}",
+                f"`robopt history {session}` lists them",
+            )
         checkpoint = matches[0]
-    result = _run_with_display(as_json, lambda on_event: api.resume(
-        session, context=context, on_event=on_event, checkpoint=checkpoint))
+    result = _run_with_display(
+        as_json, lambda on_event: api.resume(session, context=context, on_event=on_event, checkpoint=checkpoint)
+    )
     _print_outcome(result, as_json)
 
 

@@ -27,15 +27,22 @@ class Criteria(BaseModel):
 
     max_size_bytes: int | None = Field(default=None, gt=0, description="Largest acceptable model size on disk.")
     max_size_ratio: float | None = Field(
-        default=None, gt=0, le=1, description="Largest acceptable size as a fraction of the original (0.25 = 4x smaller)."
+        default=None,
+        gt=0,
+        le=1,
+        description="Largest acceptable size as a fraction of the original (0.25 = 4x smaller).",
     )
     max_metric_drop: float | None = Field(
-        default=None, ge=0, description="Largest acceptable drop of the task metric, absolute (0.01 = 1 point of accuracy)."
+        default=None,
+        ge=0,
+        description="Largest acceptable drop of the task metric, absolute (0.01 = 1 point of accuracy).",
     )
     max_metric_drop_relative: float | None = Field(
         default=None, ge=0, le=1, description="Largest acceptable drop of the task metric relative to the baseline."
     )
-    max_latency_ms: float | None = Field(default=None, gt=0, description="Largest acceptable p50 latency on this machine.")
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, description="Largest acceptable p50 latency on this machine."
+    )
     target: str | None = Field(default=None, description="Target hardware name (free text for now).")
     time_budget_s: float | None = Field(default=None, gt=0, description="Stop starting new attempts after this long.")
 
@@ -103,7 +110,9 @@ def parse_size(text: str) -> tuple[int | None, float | None]:
     if m := re.fullmatch(r"(\d+(?:\.\d+)?)x(?:smaller)?", s):
         factor = float(m.group(1))
         if factor < 1:
-            raise InvalidCriteriaError(f"size factor {text!r} must be at least 1x", "e.g. --max-size 4x (4 times smaller)")
+            raise InvalidCriteriaError(
+                f"size factor {text!r} must be at least 1x", "e.g. --max-size 4x (4 times smaller)"
+            )
         return None, 1 / factor
     if m := re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]i?b|b)?", s):
         value = float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""]

@@ -17,7 +17,9 @@ class TensorSpec(BaseModel):
     name: str = "input"
     shape: list[int]
     dtype: str = "float32"
-    high: int | None = Field(default=None, description="Exclusive upper bound for integer inputs (token ids: vocab size).")
+    high: int | None = Field(
+        default=None, description="Exclusive upper bound for integer inputs (token ids: vocab size)."
+    )
 
 
 class InputSpec(BaseModel):

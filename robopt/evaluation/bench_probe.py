@@ -3,12 +3,15 @@ and prints its peak RSS and, when asked, its latency.
 
 Reads `{"artifact": <ArtifactRef JSON>, "threads": n, "runs": n, "latency": {measure_latency kwargs} | null}`
 on stdin and prints one JSON line `{"peak_rss_bytes", "baseline_rss_bytes", "method", "latency"}`.
+
 A fresh process gives every model the same conditions: no OpenMP pool left busy by other threads, no
-other Python threads competing for the GIL, and exactly `threads` intra-op threads. The baseline is taken after every import the
-load needs (torch, robopt, onnxruntime, and the modules named in a pickled model), so peak - baseline
-is what loading and running the model cost. The peak is the kernel's high-water mark (VmHWM, reset
-after imports through /proc/self/clear_refs), a true peak rather than a sampled value; where that
-reset is not allowed, ru_maxrss is used and the import peak may hide part of the model's.
+other Python threads competing for the GIL, and exactly `threads` intra-op threads.
+
+The baseline is taken after every import the load needs (torch, robopt, onnxruntime, and the modules
+named in a pickled model), so peak - baseline is what loading and running the model cost. The peak is
+the kernel's high-water mark (VmHWM, reset after imports through /proc/self/clear_refs), a true peak
+rather than a sampled value; where that reset is not allowed, ru_maxrss is used and the import peak
+may hide part of the model's.
 """
 
 from __future__ import annotations

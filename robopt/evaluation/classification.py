@@ -143,14 +143,14 @@ class ClassificationEvaluator(Evaluator):
                 return self._run(model, batch, pad=fixed is not None, progress=progress)
             except _BatchRejected as rejected:
                 if fixed is not None or batch == 1:
-                    raise rejected.cause
+                    raise rejected.cause from None
                 fallback = self._fallback_batch_size()
                 fallback = fallback if fallback < batch else 1
                 # Some exported or traced models only take the batch size they were made with (usually 1).
                 try:
                     return self._run(model, fallback, pad=True, progress=progress)
                 except _BatchRejected:
-                    raise rejected.cause
+                    raise rejected.cause from None
 
     def _run(self, model: nn.Module, batch: int, *, pad: bool, progress: Progress) -> dict[str, float]:
         x, y = self.x, self.y

@@ -23,8 +23,7 @@ BUNDLED_DATASETS: dict[str, str] = {
 
 _DATA_HINT = (
     "give a .npz file with arrays 'x' (inputs, first dim = samples) and 'y' (integer class labels), "
-    "or a .pt file holding a dict {'x': tensor, 'y': tensor}, or a bundled dataset: "
-    + ", ".join(BUNDLED_DATASETS)
+    "or a .pt file holding a dict {'x': tensor, 'y': tensor}, or a bundled dataset: " + ", ".join(BUNDLED_DATASETS)
 )
 
 

@@ -26,21 +26,33 @@ def check_criteria(measurement: Measurement, baseline: Measurement, criteria: Cr
     size_limit = criteria.size_limit(baseline.size_bytes)
     if size_limit is not None:
         checks.append(
-            CriteriaCheck(name="size_bytes", limit=size_limit, value=measurement.size_bytes,
-                          met=measurement.size_bytes <= size_limit)
+            CriteriaCheck(
+                name="size_bytes",
+                limit=size_limit,
+                value=measurement.size_bytes,
+                met=measurement.size_bytes <= size_limit,
+            )
         )
     if criteria.max_latency_ms is not None:
         value = measurement.latency_ms_p50
         checks.append(
-            CriteriaCheck(name="latency_ms_p50", limit=criteria.max_latency_ms, value=value,
-                          met=value is not None and value <= criteria.max_latency_ms)
+            CriteriaCheck(
+                name="latency_ms_p50",
+                limit=criteria.max_latency_ms,
+                value=value,
+                met=value is not None and value <= criteria.max_latency_ms,
+            )
         )
     if baseline.primary_value is not None:
         drop = metric_drop(measurement, baseline)
         allowed = criteria.allowed_drop(baseline.primary_value)
         checks.append(
-            CriteriaCheck(name=f"{baseline.primary_metric}_drop", limit=allowed, value=drop,
-                          met=drop is not None and drop <= allowed + 1e-12)
+            CriteriaCheck(
+                name=f"{baseline.primary_metric}_drop",
+                limit=allowed,
+                value=drop,
+                met=drop is not None and drop <= allowed + 1e-12,
+            )
         )
     return checks
 
@@ -52,9 +64,7 @@ class Verdict:
     criteria_met: bool
 
 
-def judge_candidate(
-    candidate: Measurement, current: Measurement, baseline: Measurement, criteria: Criteria
-) -> Verdict:
+def judge_candidate(candidate: Measurement, current: Measurement, baseline: Measurement, criteria: Criteria) -> Verdict:
     """Accept a step only if the model still works, keeps the metric within budget, and gains something.
 
     Rules, in order: non-finite outputs reject; a missing or over-budget metric drop rejects; under a

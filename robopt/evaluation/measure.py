@@ -161,7 +161,8 @@ def measure_isolated(
         stats = LatencyStats(**result["latency"]) if result.get("latency") else None
     except (IndexError, ValueError, KeyError, TypeError) as err:
         return IsolatedMeasurement(
-            None, None,
+            None,
+            None,
             f"the benchmark probe printed no result ({type(err).__name__}): {done.stdout.strip()[-_STDERR_TAIL:]}",
         )
     return IsolatedMeasurement(max(peak - baseline, 0), stats)

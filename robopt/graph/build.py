@@ -1,4 +1,5 @@
-"""The LangGraph state machine: intake -> analyze -> plan -> optimize -> evaluate -> (optimize | rollback -> plan | report)."""
+"""The LangGraph state machine:
+intake -> analyze -> plan -> optimize -> evaluate -> (optimize | rollback -> plan | report)."""
 
 from __future__ import annotations
 

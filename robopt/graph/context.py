@@ -27,8 +27,10 @@ class Context:
     seed: int = field(default=0, metadata={"description": "Seed for example inputs and techniques."})
     isolated_measurement: bool = field(
         default=True,
-        metadata={"description": "Measure latency and peak memory in a fresh process (about 3 s per model); "
-                  "False times latency in-process and skips memory."},
+        metadata={
+            "description": "Measure latency and peak memory in a fresh process (about 3 s per model); "
+            "False times latency in-process and skips memory."
+        },
     )
     cancel: Any = field(default=None, metadata={"description": "A threading.Event that cancels the run when set."})
 

@@ -39,21 +39,78 @@ _ATTENTION_CLASSES = {"MultiheadAttention", "TransformerEncoderLayer", "Transfor
 
 _VLA_MODEL_TYPES = {"openvla", "prismatic", "pi0", "pi0fast", "smolvla", "octo", "rt1", "rt2"}
 _ENCODER_MODEL_TYPES = frozenset(
-    "bert roberta distilbert albert electra deberta deberta-v2 xlm-roberta mpnet camembert modernbert "
-    "ernie mobilebert squeezebert funnel layoutlm vit deit beit dinov2 swin siglip_vision_model "
-    "clip_vision_model data2vec-vision wav2vec2 hubert".split()
+    [
+        "bert",
+        "roberta",
+        "distilbert",
+        "albert",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "xlm-roberta",
+        "mpnet",
+        "camembert",
+        "modernbert",
+        "ernie",
+        "mobilebert",
+        "squeezebert",
+        "funnel",
+        "layoutlm",
+        "vit",
+        "deit",
+        "beit",
+        "dinov2",
+        "swin",
+        "siglip_vision_model",
+        "clip_vision_model",
+        "data2vec-vision",
+        "wav2vec2",
+        "hubert",
+    ]
 )
-_ENCODER_HEADS = tuple(
-    "ForMaskedLM ForSequenceClassification ForTokenClassification ForQuestionAnswering ForMultipleChoice "
-    "ForImageClassification ForPreTraining".split()
+_ENCODER_HEADS = (
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForImageClassification",
+    "ForPreTraining",
 )
 _DECODER_HEADS = ("ForCausalLM", "LMHeadModel")
 
 _ACTIVATIONS = frozenset(
-    "ReLU ReLU6 LeakyReLU PReLU RReLU ELU SELU CELU GELU SiLU Mish Tanh Sigmoid Hardtanh Hardswish "
-    "Hardsigmoid Softplus Softsign Softmax LogSoftmax Tanhshrink Threshold GLU LogSigmoid Softmin".split()
+    [
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "PReLU",
+        "RReLU",
+        "ELU",
+        "SELU",
+        "CELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Tanh",
+        "Sigmoid",
+        "Hardtanh",
+        "Hardswish",
+        "Hardsigmoid",
+        "Softplus",
+        "Softsign",
+        "Softmax",
+        "LogSoftmax",
+        "Tanhshrink",
+        "Threshold",
+        "GLU",
+        "LogSigmoid",
+        "Softmin",
+    ]
 )
-_NORMS = frozenset("LayerNorm RMSNorm BatchNorm1d BatchNorm2d GroupNorm InstanceNorm1d LocalResponseNorm".split())
+_NORMS = frozenset(
+    ["LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "GroupNorm", "InstanceNorm1d", "LocalResponseNorm"]
+)
 _PASSIVE = {"Dropout", "Dropout1d", "AlphaDropout", "Flatten", "Unflatten", "Identity", "QuantStub", "DeQuantStub"}
 
 CNN_SHARE = 0.3
@@ -186,11 +243,59 @@ _ONNX_CONV = {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "NhwcConv"}
 _ONNX_MATMUL = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulNBits", "FusedMatMul", "QGemm"}
 _ONNX_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention", "PackedAttention"}
 _ONNX_ELEMENTWISE = frozenset(
-    "Relu LeakyRelu Elu Selu Gelu FastGelu Tanh Sigmoid HardSigmoid HardSwish Softplus Softsign Mish "
-    "Softmax LogSoftmax Add Sub Mul Div Clip Neg Exp Sqrt Pow Erf ReduceMean LayerNormalization "
-    "BatchNormalization RMSNormalization SimplifiedLayerNormalization SkipLayerNormalization Identity "
-    "Flatten Reshape Transpose Cast Constant Shape Gather Unsqueeze Squeeze Concat Slice QuantizeLinear "
-    "DequantizeLinear DynamicQuantizeLinear Dropout Max Min Expand ConstantOfShape".split()
+    [
+        "Relu",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Gelu",
+        "FastGelu",
+        "Tanh",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Softmax",
+        "LogSoftmax",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Clip",
+        "Neg",
+        "Exp",
+        "Sqrt",
+        "Pow",
+        "Erf",
+        "ReduceMean",
+        "LayerNormalization",
+        "BatchNormalization",
+        "RMSNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "Identity",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Cast",
+        "Constant",
+        "Shape",
+        "Gather",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Slice",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "Dropout",
+        "Max",
+        "Min",
+        "Expand",
+        "ConstantOfShape",
+    ]
 )
 
 

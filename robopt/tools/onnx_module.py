@@ -24,6 +24,7 @@ class OnnxModule(nn.Module):
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        feeds = {name: np.ascontiguousarray(x.detach().cpu().numpy()) for name, x in zip(self.input_names, inputs)}
+        arrays = (np.ascontiguousarray(x.detach().cpu().numpy()) for x in inputs)
+        feeds = dict(zip(self.input_names, arrays, strict=True))
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

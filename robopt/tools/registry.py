@@ -82,6 +82,8 @@ class Technique(ABC):
     family: ClassVar[str]
     description: ClassVar[str]
     config_cls: ClassVar[type[TechniqueConfig]]
+    planned_by_default: ClassVar[bool] = True
+    """False: deciders only use it when the caller names it (it gains nothing measurable on its own)."""
 
     def availability(self) -> Availability:
         return Availability(True)
@@ -152,6 +154,11 @@ def get_technique(name: str) -> Technique:
         raise TechniqueNotFoundError(
             f"no technique named {name!r}", f"registered techniques: {', '.join(sorted(_REGISTRY))}"
         ) from None
+
+
+def plannable(allowed: set[str] | None) -> list[Technique]:
+    """Techniques a decider may choose from: the caller's list, else those planned by default."""
+    return [t for t in list_techniques() if (t.name in allowed if allowed is not None else t.planned_by_default)]
 
 
 def parse_config(technique: Technique, config: dict[str, Any] | TechniqueConfig) -> TechniqueConfig:

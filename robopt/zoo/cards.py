@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from robopt.domain.records import InputSpec
 from robopt.errors import CorruptModelError, ModelNotFoundError
 from robopt.evaluation.base import EvaluatorSpec
 from robopt.progress import Progress
+from robopt.tools.architectures import build_architecture
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -42,27 +42,7 @@ class ModelCard(BaseModel):
 
     def instantiate(self) -> nn.Module:
         """A fresh (untrained) instance of the card's architecture."""
-        return instantiate_architecture(self.architecture, self.architecture_kwargs)
-
-
-def import_architecture(path: str) -> type[nn.Module]:
-    """'package.module:ClassName' -> the nn.Module class."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ModelNotFoundError(
-            f"architecture {path!r} is not an import path", "write it as 'package.module:ClassName'"
-        )
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ModelNotFoundError(f"cannot import architecture {path!r}: {e}", "check the module and class name") from e
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ModelNotFoundError(f"architecture {path!r} is not an nn.Module class", "name an nn.Module subclass")
-    return obj
-
-
-def instantiate_architecture(path: str, kwargs: dict[str, Any]) -> nn.Module:
-    return import_architecture(path)(**kwargs)
+        return build_architecture(self.architecture, self.architecture_kwargs)
 
 
 def load_card_model(weights_path: Path, card: ModelCard) -> nn.Module:

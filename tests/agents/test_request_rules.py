@@ -17,7 +17,8 @@ def test_issue_example():
 def test_path_ratio_latency_target_budget():
     parsed = parse_request(
         "make ./models/policy.pt 4x smaller, under 5 ms, for a Jetson Orin, within 10 minutes, "
-        "keeping within 0.5 points of the original accuracy", ZOO
+        "keeping within 0.5 points of the original accuracy",
+        ZOO,
     )
     c = parsed.criteria()
     assert parsed.model == "./models/policy.pt"

@@ -18,9 +18,16 @@ def analysis() -> AnalysisReport:
     model = DigitsCNN().eval()
     p = profile_module(model, (torch.zeros(1, 1, 8, 8),))
     return AnalysisReport(
-        format="torch-module", source="digits-cnn", param_count=p.param_count, size_on_disk_bytes=560_000,
-        size_in_memory_bytes=p.size_in_memory_bytes, flops=p.flops, layer_census=p.layer_census,
-        params_by_layer_type=p.params_by_layer_type, architecture=p.architecture, input_spec=DigitsCNN.input_spec,
+        format="torch-module",
+        source="digits-cnn",
+        param_count=p.param_count,
+        size_on_disk_bytes=560_000,
+        size_in_memory_bytes=p.size_in_memory_bytes,
+        flops=p.flops,
+        layer_census=p.layer_census,
+        params_by_layer_type=p.params_by_layer_type,
+        architecture=p.architecture,
+        input_spec=DigitsCNN.input_spec,
     )
 
 
@@ -28,8 +35,15 @@ BASE = Measurement(size_bytes=560_000, latency_ms_p50=0.1, metrics={"accuracy": 
 
 
 def plan(analysis, criteria, attempts=(), past=(), allowed=None):
-    return rule_plan(analysis=analysis, current=BASE, baseline=BASE, criteria=criteria, attempts=list(attempts),
-                     past_attempts=list(past), allowed=allowed)
+    return rule_plan(
+        analysis=analysis,
+        current=BASE,
+        baseline=BASE,
+        criteria=criteria,
+        attempts=list(attempts),
+        past_attempts=list(past),
+        allowed=allowed,
+    )
 
 
 INT8 = {"dtype": "qint8", "layer_types": ["Linear"], "per_channel": True}
@@ -79,9 +93,15 @@ def test_past_sessions_count_only_when_their_measured_drop_breaks_todays_budget(
 
 
 def test_nothing_left_gives_an_empty_plan_with_the_reason(analysis):
-    p = plan(analysis, Criteria(max_size_ratio=1 / 3), allowed={"prune_unstructured"},
-             attempts=[attempt("prune_unstructured", {"sparsity": s, "scope": "global", "skip_head": True},
-                               "rejected") for s in (0.5, 0.3, 0.15)])
+    p = plan(
+        analysis,
+        Criteria(max_size_ratio=1 / 3),
+        allowed={"prune_unstructured"},
+        attempts=[
+            attempt("prune_unstructured", {"sparsity": s, "scope": "global", "skip_head": True}, "rejected")
+            for s in (0.5, 0.3, 0.15)
+        ],
+    )
     assert p.steps == [] and "nothing left" in p.summary
 
 

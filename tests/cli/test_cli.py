@@ -14,8 +14,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def robopt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "robopt.cli.main", *args], cwd=REPO, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "robopt.cli.main", *args],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert "Traceback" not in done.stderr, done.stderr
     if check:
         assert done.returncode == 0, done.stderr
@@ -30,8 +36,11 @@ def test_demo_table(fresh_data_dir):
 
 
 def test_optimize_json_history_and_rollback(fresh_data_dir):
-    result = json.loads(robopt("optimize", "digits-cnn", "--max-size", "3x", "--max-accuracy-drop", "1%",
-                               "--session", "cli-1", "--json").stdout)
+    result = json.loads(
+        robopt(
+            "optimize", "digits-cnn", "--max-size", "3x", "--max-accuracy-drop", "1%", "--session", "cli-1", "--json"
+        ).stdout
+    )
     base, best = result["baseline"], result["best"]
     assert result["criteria_met"] is True and result["artifact"] == best["artifact"]
     assert best["size_bytes"] * 3 <= base["size_bytes"]
@@ -51,8 +60,9 @@ def test_optimize_json_history_and_rollback(fresh_data_dir):
 
 
 def test_chat_request(fresh_data_dir):
-    result = json.loads(robopt("chat", "shrink digits-cnn to under 200 KB and lose at most 1% accuracy",
-                               "--json").stdout)
+    result = json.loads(
+        robopt("chat", "shrink digits-cnn to under 200 KB and lose at most 1% accuracy", "--json").stdout
+    )
     assert result["criteria"]["max_size_bytes"] == 200_000
     assert result["criteria_met"] is True and result["best"]["size_bytes"] <= 200_000
 
@@ -64,14 +74,22 @@ def test_analyze_json(fresh_data_dir):
     assert report["flops"] > 0 and report["latency_ms_p50"] > 0
     assert report["layer_census"]["Conv2d"] == 2 and report["layer_census"]["Linear"] == 2
     outlooks = {t["technique"]: t for t in report["techniques"]}
-    assert outlooks["quantize_dynamic_int8"]["applicable"] and outlooks["quantize_dynamic_int8"]["expected_size_ratio"] < 0.4
+    assert (
+        outlooks["quantize_dynamic_int8"]["applicable"]
+        and outlooks["quantize_dynamic_int8"]["expected_size_ratio"] < 0.4
+    )
 
 
 def test_techniques_json():
     rows = json.loads(robopt("techniques", "--json").stdout)
     names = {r["name"] for r in rows}
-    assert {"quantize_dynamic_int8", "weight_only_int8", "weight_only_int4", "prune_unstructured",
-            "prune_structured"} <= names
+    assert {
+        "quantize_dynamic_int8",
+        "weight_only_int8",
+        "weight_only_int4",
+        "prune_unstructured",
+        "prune_structured",
+    } <= names
     for r in rows:
         assert r["family"] and "properties" in r["config_schema"]
         assert r["available"] or r["reason"]

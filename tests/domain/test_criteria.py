@@ -72,8 +72,9 @@ def test_default_accuracy_guard_and_limits():
 
 
 def test_criteria_json_round_trip_and_strictness():
-    c = criteria_from_strings(max_size="2MB", max_accuracy_drop="1%", max_latency="5ms", target="jetson orin",
-                              time_budget="10m")
+    c = criteria_from_strings(
+        max_size="2MB", max_accuracy_drop="1%", max_latency="5ms", target="jetson orin", time_budget="10m"
+    )
     assert Criteria.model_validate_json(c.model_dump_json()) == c
     with pytest.raises(ValueError):
         Criteria.model_validate({"max_sise_bytes": 3})

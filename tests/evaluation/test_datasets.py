@@ -104,7 +104,7 @@ def test_corrupt_files(tmp_path) -> None:
     npz, pt = tmp_path / "junk.npz", tmp_path / "junk.pt"
     npz.write_bytes(b"not a zip archive")
     pt.write_bytes(b"not a torch file")
-    with pytest.raises(EvaluationError, match="not a readable .npz"):
+    with pytest.raises(EvaluationError, match=r"not a readable \.npz"):
         load_labeled_data(str(npz))
     with pytest.raises(EvaluationError, match="not a readable torch file"):
         load_labeled_data(str(pt))

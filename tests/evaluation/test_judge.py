@@ -4,8 +4,13 @@ from robopt.evaluation.judge import check_criteria, judge_candidate
 
 
 def m(size, latency, acc, finite=True, **extra):
-    return Measurement(size_bytes=size, latency_ms_p50=latency, metrics={"accuracy": acc, **extra},
-                       primary_metric="accuracy", outputs_finite=finite)
+    return Measurement(
+        size_bytes=size,
+        latency_ms_p50=latency,
+        metrics={"accuracy": acc, **extra},
+        primary_metric="accuracy",
+        outputs_finite=finite,
+    )
 
 
 BASE = m(1000, 1.0, 0.95)
@@ -42,8 +47,9 @@ def test_rejects_no_gain_and_slower_under_latency_limit():
 
 
 def test_check_criteria_values_are_the_measurements():
-    checks = {c.name: c for c in check_criteria(m(400, 2.0, 0.94), BASE, Criteria(max_size_bytes=500,
-                                                                                    max_latency_ms=1.5))}
+    checks = {
+        c.name: c for c in check_criteria(m(400, 2.0, 0.94), BASE, Criteria(max_size_bytes=500, max_latency_ms=1.5))
+    }
     assert checks["size_bytes"].met and checks["size_bytes"].value == 400
     assert not checks["latency_ms_p50"].met and checks["latency_ms_p50"].value == 2.0
     assert checks["accuracy_drop"].value == 0.95 - 0.94

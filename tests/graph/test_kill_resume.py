@@ -19,17 +19,35 @@ REPO = Path(__file__).resolve().parents[2]
 
 def robopt_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "robopt.cli.main", *args], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "robopt.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def test_sigkill_mid_step_then_resume(fresh_data_dir, tmp_path):
     marker = tmp_path / "in-step"
-    env = {**os.environ, "ROBOPT_PLUGINS": "tests.helpers.fault_techniques", "ROBOPT_TEST_MARKER": str(marker),
-           "ROBOPT_TEST_SLEEP": "120"}
-    run = robopt_cli("optimize", "digits-cnn", "--max-size", "3x", "--technique", "test_slow_int8",
-                     "--session", "kill-1", "--json", env=env)
+    env = {
+        **os.environ,
+        "ROBOPT_PLUGINS": "tests.helpers.fault_techniques",
+        "ROBOPT_TEST_MARKER": str(marker),
+        "ROBOPT_TEST_SLEEP": "120",
+    }
+    run = robopt_cli(
+        "optimize",
+        "digits-cnn",
+        "--max-size",
+        "3x",
+        "--technique",
+        "test_slow_int8",
+        "--session",
+        "kill-1",
+        "--json",
+        env=env,
+    )
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert run.poll() is None, run.communicate()

@@ -32,8 +32,9 @@ def accuracy_of(artifact_path: str) -> float:
 
 def test_optimize_digits_cnn_meets_criteria_with_measured_numbers(fresh_data_dir):
     events = []
-    result = api.optimize("digits-cnn", Criteria(max_size_ratio=1 / 3, max_metric_drop=0.01), context=FAST,
-                          on_event=events.append)
+    result = api.optimize(
+        "digits-cnn", Criteria(max_size_ratio=1 / 3, max_metric_drop=0.01), context=FAST, on_event=events.append
+    )
     base, best = result.baseline.measurement, result.best.measurement
     assert result.criteria_met
     assert base.metrics["accuracy"] >= 0.97
@@ -52,8 +53,9 @@ def test_optimize_digits_cnn_meets_criteria_with_measured_numbers(fresh_data_dir
 
 
 def test_a_raising_step_rolls_back_and_the_run_goes_on(fresh_data_dir):
-    result = api.optimize("digits-cnn", Criteria(max_size_ratio=1 / 3), techniques=["test_raise", "quantize_dynamic_int8"],
-                          context=FAST)
+    result = api.optimize(
+        "digits-cnn", Criteria(max_size_ratio=1 / 3), techniques=["test_raise", "quantize_dynamic_int8"], context=FAST
+    )
     first, second = result.attempts[0], result.attempts[1]
     assert first.step.technique == "test_raise" and first.status == "failed"
     assert "injected failure" in first.reason
@@ -67,8 +69,9 @@ def test_a_raising_step_rolls_back_and_the_run_goes_on(fresh_data_dir):
 
 def test_a_nan_step_is_rejected_and_recorded(fresh_data_dir):
     baseline_bytes = None
-    result = api.optimize("digits-cnn", Criteria(max_size_ratio=1 / 3), techniques=["test_nan", "quantize_dynamic_int8"],
-                          context=FAST)
+    result = api.optimize(
+        "digits-cnn", Criteria(max_size_ratio=1 / 3), techniques=["test_nan", "quantize_dynamic_int8"], context=FAST
+    )
     nan_attempt = result.attempts[0]
     assert nan_attempt.step.technique == "test_nan" and nan_attempt.status == "failed"
     assert "NaN" in nan_attempt.reason
@@ -81,14 +84,16 @@ def test_a_nan_step_is_rejected_and_recorded(fresh_data_dir):
 def test_an_accuracy_breaking_step_is_rejected_then_replanned_milder(fresh_data_dir):
     # Structured pruning without fine-tuning costs accuracy. The size limit needs ratio 0.3 by estimate; with a
     # 0.5-point budget it is rejected, and the planner retries the milder 0.15 from the same accepted model.
-    result = api.optimize("digits-cnn", Criteria(max_size_ratio=0.6, max_metric_drop=0.005),
-                          techniques=["prune_structured"], context=FAST)
+    result = api.optimize(
+        "digits-cnn", Criteria(max_size_ratio=0.6, max_metric_drop=0.005), techniques=["prune_structured"], context=FAST
+    )
     tried = [(a.step.config["ratio"], a.status) for a in result.attempts]
     assert tried == [(0.3, "rejected"), (0.15, "rejected")]
     assert all("dropped" in a.reason for a in result.attempts)
     assert all(a.input_artifact == result.baseline.artifact.sha256 for a in result.attempts)
-    drops = [result.baseline.measurement.metrics["accuracy"] - a.measurement.metrics["accuracy"]
-             for a in result.attempts]
+    drops = [
+        result.baseline.measurement.metrics["accuracy"] - a.measurement.metrics["accuracy"] for a in result.attempts
+    ]
     assert drops[0] > drops[1] > 0.005  # milder pruning hurts less, but still too much
     # nothing was accepted: the best model is the untouched baseline, and the run says why it stopped
     assert result.best.artifact.sha256 == result.baseline.artifact.sha256
@@ -140,10 +145,17 @@ def test_an_onnx_model_is_optimized_as_onnx(fresh_data_dir, tmp_path):
     path, card = zoo.resolve("digits-cnn", fresh_data_dir / "zoo")
     module = load_model(path, architecture=card.instantiate().__class__).module
     onnx_path = tmp_path / "digits.onnx"
-    torch.onnx.export(module, (torch.zeros(1, 1, 8, 8),), str(onnx_path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch"}})
-    result = api.optimize(str(onnx_path), Criteria(max_size_ratio=1 / 3), evaluator="classification:digits",
-                          context=FAST)
+    torch.onnx.export(
+        module,
+        (torch.zeros(1, 1, 8, 8),),
+        str(onnx_path),
+        dynamo=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
+    result = api.optimize(
+        str(onnx_path), Criteria(max_size_ratio=1 / 3), evaluator="classification:digits", context=FAST
+    )
     assert result.criteria_met
     assert result.best.artifact.format == "onnx" and result.best.artifact.technique == "onnx_dynamic_int8"
     # the artifact is a plain ONNX file: onnxruntime alone reproduces the reported accuracy

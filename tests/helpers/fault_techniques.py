@@ -1,8 +1,7 @@
 """Techniques that misbehave on purpose, for fault tests. Loaded as a plugin (ROBOPT_PLUGINS) or imported.
 
 Each one really transforms the model (or really raises); none pretends to be a compression technique the
-product offers: their family is 'quantization' only so that the rule planner considers them when a test
-restricts planning to them with `techniques=[...]`.
+product offers: they are never planned unless a test names them with `techniques=[...]`.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ class NoConfig(TechniqueConfig):
 class _Fault(Technique):
     family = "quantization"
     config_cls = NoConfig
+    planned_by_default = False  # only when a test names it in `techniques=[...]`
 
     def applicable(self, analysis: AnalysisReport) -> Applicability:
         return Applicability(True)

@@ -24,8 +24,13 @@ def load_digits_split(seed: int = 0) -> Digits:
     x_tr, x_te, y_tr, y_te = train_test_split(
         data.data / 16.0, data.target, test_size=0.2, random_state=seed, stratify=data.target
     )
-    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.tensor(a, dtype=torch.long)  # noqa: E731
+
+    def as_x(a):
+        return torch.tensor(a, dtype=torch.float32)
+
+    def as_y(a):
+        return torch.tensor(a, dtype=torch.long)
+
     return Digits(as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te))
 
 
@@ -48,8 +53,12 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Linear(32 * 4 * 4, 10)

@@ -16,17 +16,22 @@ from tests.tools.technique_models import DigitsCNN, DigitsMLP, accuracy, as_imag
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
-    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch"}})
+    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
     return path
 
 
 def analysis_of(path: Path) -> AnalysisReport:
     p = profile_onnx(path)
-    return AnalysisReport(format="onnx", source=str(path), param_count=p.param_count,
-                          size_on_disk_bytes=path.stat().st_size, size_in_memory_bytes=p.size_in_memory_bytes,
-                          layer_census=p.layer_census, params_by_layer_type=p.params_by_layer_type,
-                          architecture=p.architecture)
+    return AnalysisReport(
+        format="onnx",
+        source=str(path),
+        param_count=p.param_count,
+        size_on_disk_bytes=path.stat().st_size,
+        size_in_memory_bytes=p.size_in_memory_bytes,
+        layer_census=p.layer_census,
+        params_by_layer_type=p.params_by_layer_type,
+        architecture=p.architecture,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +65,20 @@ def test_convolutions_stay_float(tmp_path, digits):
     work = tmp_path / "work"
     work.mkdir()
     technique = get_technique("onnx_dynamic_int8")
-    result = technique.apply(OnnxModule(path), technique.default_config(),
-                             ApplyContext(analysis_of(path), workdir=work))
+    result = technique.apply(
+        OnnxModule(path), technique.default_config(), ApplyContext(analysis_of(path), workdir=work)
+    )
     ops = {n.op_type for n in onnx.load(str(result.onnx_path)).graph.node}
     assert "Conv" in ops and "ConvInteger" not in ops
 
 
 def test_not_for_pytorch_models():
-    analysis = AnalysisReport(format="torch-module", source="x", param_count=10, size_on_disk_bytes=40,
-                              size_in_memory_bytes=40, params_by_layer_type={"Linear": 10})
+    analysis = AnalysisReport(
+        format="torch-module",
+        source="x",
+        param_count=10,
+        size_on_disk_bytes=40,
+        size_in_memory_bytes=40,
+        params_by_layer_type={"Linear": 10},
+    )
     assert not get_technique("onnx_dynamic_int8").applicable(analysis).applicable

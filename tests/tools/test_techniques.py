@@ -275,10 +275,14 @@ def test_estimates_are_consistent_with_the_model(mlp: Trained, cnn: Trained) -> 
     assert est["quantize_dynamic_int8"].speedup < 1.0
     # ... while ~1M-weight layers (or big batches) are expected to run ~2x faster.
     big = mlp.analysis.model_copy(
-        update={"params_by_layer_type": {k: v * 64 for k, v in mlp.analysis.params_by_layer_type.items()},
-                "param_count": mlp.analysis.param_count * 64}
+        update={
+            "params_by_layer_type": {k: v * 64 for k, v in mlp.analysis.params_by_layer_type.items()},
+            "param_count": mlp.analysis.param_count * 64,
+        }
     )
-    dynamic_big = get_technique("quantize_dynamic_int8").estimate(big, get_technique("quantize_dynamic_int8").default_config())
+    dynamic_big = get_technique("quantize_dynamic_int8").estimate(
+        big, get_technique("quantize_dynamic_int8").default_config()
+    )
     assert dynamic_big.speedup > 1.5
     assert est["weight_only_int8"].speedup < 1.0  # honest: slower on CPU
     assert est["weight_only_int4"].size_ratio < est["weight_only_int8"].size_ratio
@@ -325,7 +329,7 @@ def test_torchscript_module_is_refused_at_apply(name: str, mlp: Trained) -> None
     scripted = torch.jit.trace(copy.deepcopy(mlp.model), mlp.x[:2])
     technique = get_technique(name)
     context = ApplyContext(analysis=mlp.analysis, example_inputs=(mlp.x[:2],))
-    with pytest.raises(TechniqueNotApplicableError, match="eager nn.Module"):
+    with pytest.raises(TechniqueNotApplicableError, match=r"eager nn\.Module"):
         technique.apply(scripted, technique.default_config(), context)
 
 

@@ -97,7 +97,7 @@ def test_unreadable_card_is_rebuilt(built, tmp_path) -> None:
     directory.mkdir()
     (directory / "model.safetensors").write_bytes(weights.read_bytes())
     (directory / "card.json").write_text("{not json")
-    rebuilt_weights, rebuilt = zoo.resolve("digits-cnn", tmp_path)
+    _rebuilt_weights, rebuilt = zoo.resolve("digits-cnn", tmp_path)
     assert rebuilt.metrics["accuracy"] == card.metrics["accuracy"]
     assert ModelCard.model_validate_json((directory / "card.json").read_text()) == rebuilt
 

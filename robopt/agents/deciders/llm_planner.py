@@ -49,8 +49,17 @@ def _analysis_brief(analysis: AnalysisReport) -> str:
     brief = analysis.model_dump(
         mode="json",
         include={
-            "architecture", "architecture_evidence", "format", "param_count", "size_on_disk_bytes", "flops",
-            "layer_census", "params_by_layer_type", "latency_ms_p50", "peak_memory_bytes", "unmeasured",
+            "architecture",
+            "architecture_evidence",
+            "format",
+            "param_count",
+            "size_on_disk_bytes",
+            "flops",
+            "layer_census",
+            "params_by_layer_type",
+            "latency_ms_p50",
+            "peak_memory_bytes",
+            "unmeasured",
         },
     )
     return json.dumps(brief, indent=1)

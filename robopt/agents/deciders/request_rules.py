@@ -52,8 +52,7 @@ def _find_model(text: str, zoo_names: list[str]) -> str | None:
             return name
     for token in re.findall(r"[^\s'\"`,;]+", text):
         token = token.rstrip(".")
-        if token.lower().endswith(_MODEL_EXTENSIONS) or token.startswith(("/", "./", "~/", "../")) \
-                or token.startswith("artifact:"):
+        if token.lower().endswith(_MODEL_EXTENSIONS) or token.startswith(("/", "./", "~/", "../", "artifact:")):
             return token
     return None
 
@@ -99,14 +98,18 @@ def _find_latency(text: str) -> str | None:
 
 
 def _find_target(text: str) -> str | None:
-    if m := re.search(rf"\b(?:on|for|to run on|deploy(?:ed)? (?:on|to))\s+(?:an?\s+|the\s+|my\s+)?({_HARDWARE})\b", text):
+    if m := re.search(
+        rf"\b(?:on|for|to run on|deploy(?:ed)? (?:on|to))\s+(?:an?\s+|the\s+|my\s+)?({_HARDWARE})\b", text
+    ):
         return m.group(1)
     return None
 
 
 def _find_time_budget(text: str) -> str | None:
-    if m := re.search(rf"(?:time budget|budget|within|in|spend(?:ing)? at most)\s*(?:of\s*)?{_NUM}\s*(minutes?|mins?|hours?|h)\b",
-                      text):
+    if m := re.search(
+        rf"(?:time budget|budget|within|in|spend(?:ing)? at most)\s*(?:of\s*)?{_NUM}\s*(minutes?|mins?|hours?|h)\b",
+        text,
+    ):
         return f"{m.group(1)}{'h' if m.group(2).startswith('h') else 'm'}"
     return None
 

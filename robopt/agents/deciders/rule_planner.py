@@ -1,4 +1,5 @@
-"""Deterministic planning: search short technique chains by their estimates, pick the least risky that meets the targets."""
+"""Deterministic planning: search short technique chains by their estimates; pick the least risky one that
+meets the targets."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from robopt.domain.analysis import AnalysisReport
 from robopt.domain.criteria import Criteria
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import Attempt, Measurement, PlanStep
-from robopt.tools.registry import Technique, TechniqueConfig, list_techniques
+from robopt.tools.registry import Technique, TechniqueConfig, list_techniques, plannable
 
 _RISK = {"low": 1, "medium": 2, "high": 3}
-# Techniques the planner never picks on its own: they gain nothing measurable in dense storage or speed.
-_ONLY_WHEN_ASKED = {"prune_unstructured"}
 _SIZE_MARGIN = 0.95  # estimates are rough: aim a little below the size limit
 
 
@@ -33,7 +32,9 @@ def _ladder(technique: Technique) -> list[TechniqueConfig]:
     return configs
 
 
-def _step(technique: Technique, config: TechniqueConfig, analysis: AnalysisReport) -> tuple[PlanStep, float, float, int]:
+def _step(
+    technique: Technique, config: TechniqueConfig, analysis: AnalysisReport
+) -> tuple[PlanStep, float, float, int]:
     est = technique.estimate(analysis, config)
     step = PlanStep(
         technique=technique.name,
@@ -94,17 +95,11 @@ def rule_plan(
     for a in attempts:
         tried[a.step.key()] = a.status
     accepted = {a.step.technique for a in attempts if a.status == "accepted"}
-    accepted_families = {
-        t.family for t in list_techniques() if t.name in accepted
-    }
+    accepted_families = {t.family for t in list_techniques() if t.name in accepted}
 
     usable: list[Technique] = []
     skipped: list[str] = []
-    for t in list_techniques():
-        if allowed is not None and t.name not in allowed:
-            continue
-        if allowed is None and t.name in _ONLY_WHEN_ASKED:
-            continue
+    for t in plannable(allowed):
         outlook = t.outlook(analysis)
         if not (outlook.available and outlook.applicable):
             skipped.append(f"{t.name}: {outlook.reason}")
@@ -163,7 +158,8 @@ def rule_plan(
         goal = "no size or latency limit: the least risky option that shrinks the model"
         if best is None and options:
             return OptimizationPlan(
-                steps=[], decider="rules",
+                steps=[],
+                decider="rules",
                 summary="no remaining technique is expected to make the model smaller or faster",
             )
     else:

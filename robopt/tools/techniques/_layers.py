@@ -21,10 +21,32 @@ RNN_TYPES = ("LSTM", "GRU")
 # Substrings (lower case) of layer class names that mark an already quantized layer: torch.ao
 # (DynamicQuantizedLinear, QuantizedConv2d), bitsandbytes (Linear4bit, Linear8bitLt), quanto (QLinear),
 # GPTQ/AWQ (QuantLinear, WQLinear_GEMM), HQQ (HQQLinear), ONNX integer ops.
-_QUANTIZED_MARKERS = ("quantized", "4bit", "8bit", "qlinear", "quantlinear", "hqq", "int8", "int4", "nf4", "fp4",
-                      "integer", "dequantize")
-_QUANTIZED_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized",
-                              "bitsandbytes", "torchao", "optimum.quanto", "hqq", "auto_gptq", "gptqmodel", "awq")
+_QUANTIZED_MARKERS = (
+    "quantized",
+    "4bit",
+    "8bit",
+    "qlinear",
+    "quantlinear",
+    "hqq",
+    "int8",
+    "int4",
+    "nf4",
+    "fp4",
+    "integer",
+    "dequantize",
+)
+_QUANTIZED_MODULE_PREFIXES = (
+    "torch.ao.nn.quantized",
+    "torch.ao.nn.intrinsic.quantized",
+    "torch.nn.quantized",
+    "bitsandbytes",
+    "torchao",
+    "optimum.quanto",
+    "hqq",
+    "auto_gptq",
+    "gptqmodel",
+    "awq",
+)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
@@ -102,7 +124,7 @@ def require_eager_float_module(model: nn.Module, technique: str) -> None:
     """Raise TechniqueNotApplicableError for TorchScript/ONNX models or ones that are already quantized."""
     from robopt.tools.onnx_module import OnnxModule
 
-    if isinstance(model, torch.jit.ScriptModule) or isinstance(model, OnnxModule):
+    if isinstance(model, (torch.jit.ScriptModule, OnnxModule)):
         raise TechniqueNotApplicableError(
             f"{technique} needs an eager nn.Module, got {type(model).__name__}",
             "load the model from its PyTorch source (pickle, safetensors or HF folder) instead of TorchScript/ONNX",

@@ -90,11 +90,17 @@ class OnnxDynamicInt8(Technique):
         output = context.workdir / "model.int8.onnx"
         context.progress.update(self.name, 0, 1, "quantizing MatMul/Gemm weights")
         quantize_dynamic(
-            model.path, output, op_types_to_quantize=list(_OPS), per_channel=config.per_channel,
-            reduce_range=config.reduce_range, weight_type=QuantType.QInt8,
+            model.path,
+            output,
+            op_types_to_quantize=list(_OPS),
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            weight_type=QuantType.QInt8,
         )
         context.progress.update(self.name, 1, 1)
         return TechniqueResult(
-            model=OnnxModule(output), backend=_backend(), onnx_path=output,
+            model=OnnxModule(output),
+            backend=_backend(),
+            onnx_path=output,
             details={"op_types": list(_OPS), "per_channel": config.per_channel},
         )

@@ -55,6 +55,7 @@ class PruneUnstructured(Technique):
         "dense storage or speed dense kernels: useful before sparse export or compression."
     )
     config_cls = PruneUnstructuredConfig
+    planned_by_default = False  # zeros alone gain nothing in dense storage or speed
 
     def availability(self) -> Availability:
         return Availability(True, backend="torch.nn.utils.prune L1Unstructured")

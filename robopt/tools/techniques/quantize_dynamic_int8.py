@@ -47,6 +47,8 @@ def _layer_speedup(analysis: AnalysisReport, quantized_params: int) -> tuple[flo
         if work < limit:
             return speedup, work
     return _LARGE_LAYER_SPEEDUP, work
+
+
 # Quantized bytes per parameter: 1 for the int8 weight plus fp32 bias and per-channel scale/zero point.
 _QUANT_BYTES_PER_PARAM = 1.05
 

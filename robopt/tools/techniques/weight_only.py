@@ -201,7 +201,7 @@ def _bnb_probe() -> Availability:
                 err = (q(x) - expected).abs().max().item()
         if not getattr(q.weight, "bnb_quantized", False) or not err < 0.25 * expected.abs().max().item():
             return Availability(False, f"bitsandbytes 4-bit CPU matmul is wrong here (max abs error {err:.3g})")
-    except Exception as e:  # noqa: BLE001  (any failure of the probe is the reason the backend is unavailable)
+    except Exception as e:
         return Availability(False, f"bitsandbytes 4-bit CPU kernel cannot run here: {type(e).__name__}: {e}")
     return Availability(True, backend=f"bitsandbytes {bnb.__version__} Linear4bit (CPU)")
 
