@@ -164,3 +164,24 @@ def test_an_onnx_model_is_optimized_as_onnx(fresh_data_dir, tmp_path):
     logits = session.run(None, {"x": x_test.numpy()})[0]
     measured = float((logits.argmax(1) == y_test.numpy()).mean())
     assert measured == pytest.approx(result.best.measurement.metrics["accuracy"], abs=1e-12)
+
+
+def test_cancel_stops_the_run_and_it_resumes(fresh_data_dir):
+    import threading
+
+    from robopt.errors import CancelledError
+
+    cancel = threading.Event()
+
+    def on_event(event):
+        if event.get("type") == "node" and event.get("node") == "optimize" and event.get("status") == "start":
+            cancel.set()  # e.g. a user pressing Stop while the first step starts
+
+    context = Context(isolated_measurement=False, cancel=cancel)
+    with pytest.raises(CancelledError):
+        api.optimize(
+            "digits-cnn", Criteria(max_size_ratio=1 / 3), session="cancel-1", context=context, on_event=on_event
+        )
+    assert api.history("cancel-1", context=FAST)[-1]["next"] == ["optimize"]
+    result = api.resume("cancel-1", context=FAST)
+    assert result.criteria_met and [a.status for a in result.attempts] == ["accepted"]
