@@ -14,6 +14,7 @@ from robopt.domain.criteria import Criteria
 from robopt.domain.plan import DeciderEvent
 from robopt.domain.records import ArtifactRef, Attempt, Measurement
 from robopt.evaluation.base import EvaluationSetup, Evaluator, EvaluatorSpec, build_evaluator
+from robopt.evaluation.profile_artifact import ArtifactProfile, profile_artifact
 from robopt.graph.context import Context
 from robopt.graph.state import ModelState, State
 from robopt.memory.artifacts import ArtifactStore
@@ -94,6 +95,22 @@ def make_evaluator(state: State, env: NodeEnv) -> Evaluator:
     reference = env.store.load(baseline) if spec.name == "output-fidelity" else None
     return build_evaluator(
         spec, EvaluationSetup(reference=reference, input_spec=baseline.input_spec, seed=env.context.seed)
+    )
+
+
+def profile(state: State, env: NodeEnv, ref: ArtifactRef) -> ArtifactProfile:
+    """Measure an artifact of this run with the run's evaluator and settings."""
+    ingested = state["ingested"]
+    return profile_artifact(
+        env.store,
+        ref,
+        evaluator=make_evaluator(state, env),
+        threads=env.threads,
+        progress=env.progress,
+        seed=env.context.seed,
+        isolated=env.context.isolated_measurement,
+        source=ingested["source"],
+        hf_config=ingested.get("hf_config"),
     )
 
 

@@ -12,15 +12,14 @@ from robopt.agents.common import (
     criteria_of,
     history_key,
     log_attempt,
-    make_evaluator,
     model_state,
     node_env,
+    profile,
 )
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import ArtifactRef, Attempt, PlanStep
 from robopt.errors import EvaluationError
 from robopt.evaluation.judge import judge_candidate
-from robopt.evaluation.profile_artifact import profile_artifact
 from robopt.graph.context import Context
 from robopt.graph.state import State
 
@@ -45,23 +44,13 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
         model_fingerprint=history_key(state),
     )
     try:
-        profile = profile_artifact(
-            env.store,
-            ref,
-            evaluator=make_evaluator(state, env),
-            threads=env.threads,
-            progress=env.progress,
-            seed=env.context.seed,
-            isolated=env.context.isolated_measurement,
-            source=state["ingested"]["source"],
-            hf_config=state["ingested"].get("hf_config"),
-        )
+        measured = profile(state, env, ref)
     except EvaluationError as e:
         attempt.reason = f"evaluation failed: {e.message}"
         return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
 
-    verdict = judge_candidate(profile.measurement, current.measurement, baseline.measurement, criteria_of(state))
-    attempt.measurement = profile.measurement
+    verdict = judge_candidate(measured.measurement, current.measurement, baseline.measurement, criteria_of(state))
+    attempt.measurement = measured.measurement
     attempt.reason = verdict.reason
     if not verdict.accepted:
         return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
@@ -69,7 +58,7 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
     attempt.status = "accepted"
     update = {
         "attempts": [log_attempt(env, attempt)],
-        "current": model_state(ref, profile.measurement, profile.analysis),
+        "current": model_state(ref, measured.measurement, measured.analysis),
         "candidate": None,
     }
     if verdict.criteria_met:

@@ -17,6 +17,7 @@ from torch import nn
 
 from robopt.domain.records import ArtifactFormat, ArtifactRef, InputSpec
 from robopt.errors import ArtifactIntegrityError
+from robopt.tools.picklable import make_picklable
 
 _PAYLOAD_NAME: dict[str, str] = {"torch-module": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
 MANIFEST = "manifest.json"
@@ -38,14 +39,6 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-
-
-def _strip_unpicklable_reprs(module: nn.Module) -> None:
-    # torchao's quantize_ sets a functools.partial as an instance-level extra_repr, which pickle cannot
-    # name; it only affects printing, so the class method is restored before saving.
-    for sub in module.modules():
-        if "extra_repr" in vars(sub):
-            del sub.extra_repr
 
 
 class ArtifactStore:
@@ -72,7 +65,7 @@ class ArtifactStore:
         """Store a torch model: TorchScript modules as TorchScript archives, eager modules as full pickles."""
         if isinstance(module, torch.jit.ScriptModule):
             return self._put("torchscript", lambda p: torch.jit.save(module, str(p)), parent, technique, input_spec)
-        _strip_unpicklable_reprs(module)
+        make_picklable(module)
         return self._put("torch-module", lambda p: torch.save(module, p), parent, technique, input_spec)
 
     def put_onnx(

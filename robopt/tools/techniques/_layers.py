@@ -10,6 +10,7 @@ from torch import nn
 
 from robopt.domain.analysis import AnalysisReport
 from robopt.errors import TechniqueNotApplicableError
+from robopt.tools.registry import Applicability
 
 # Formats that load as an eager nn.Module the techniques can rewrite (TorchScript/ONNX/TF cannot be).
 EAGER_FORMATS = frozenset({"torch-pickle", "torch-module", "safetensors", "hf-folder"})
@@ -103,6 +104,16 @@ def not_eager_reason(analysis: AnalysisReport) -> str | None:
 def already_quantized_reason(analysis: AnalysisReport) -> str | None:
     found = quantized_layer_types(analysis)
     return f"the model is already quantized (layers: {', '.join(found)})" if found else None
+
+
+def linear_quantization_applicability(analysis: AnalysisReport) -> Applicability:
+    """The shared rule of the Linear quantizers: an eager, not yet quantized model with Linear weights."""
+    reason = not_eager_reason(analysis) or already_quantized_reason(analysis)
+    if reason:
+        return Applicability(False, reason)
+    if linear_params(analysis) <= 0:
+        return Applicability(False, "the model has no Linear parameters to quantize")
+    return Applicability(True)
 
 
 def quantized_modules(model: nn.Module) -> list[str]:

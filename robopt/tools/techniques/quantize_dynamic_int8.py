@@ -121,12 +121,7 @@ class QuantizeDynamicInt8(Technique):
         return _probe()
 
     def applicable(self, analysis: AnalysisReport) -> Applicability:
-        reason = _layers.not_eager_reason(analysis) or _layers.already_quantized_reason(analysis)
-        if reason:
-            return Applicability(False, reason)
-        if _layers.linear_params(analysis) <= 0:
-            return Applicability(False, "the model has no Linear parameters to quantize")
-        return Applicability(True)
+        return _layers.linear_quantization_applicability(analysis)
 
     def estimate(self, analysis: AnalysisReport, config: TechniqueConfig) -> Estimate:
         assert isinstance(config, DynamicInt8Config)

@@ -19,6 +19,7 @@ from torch import nn
 from robopt.domain.analysis import AnalysisReport
 from robopt.errors import TechniqueFailedError, TechniqueNotApplicableError
 from robopt.progress import Progress
+from robopt.tools.picklable import make_picklable
 from robopt.tools.registry import (
     Applicability,
     ApplyContext,
@@ -82,13 +83,6 @@ def _torchao_probe() -> Availability:
     return Availability(True, backend=f"torchao {torchao.__version__} Int8WeightOnlyConfig")
 
 
-def _strip_instance_extra_repr(model: nn.Module) -> None:
-    # torchao sets a functools.partial as an instance-level extra_repr, which pickle cannot name.
-    for sub in model.modules():
-        if "extra_repr" in vars(sub):
-            del sub.extra_repr
-
-
 @register_technique
 class WeightOnlyInt8(Technique):
     name = "weight_only_int8"
@@ -103,12 +97,7 @@ class WeightOnlyInt8(Technique):
         return _torchao_probe()
 
     def applicable(self, analysis: AnalysisReport) -> Applicability:
-        reason = _layers.not_eager_reason(analysis) or _layers.already_quantized_reason(analysis)
-        if reason:
-            return Applicability(False, reason)
-        if _layers.linear_params(analysis) <= 0:
-            return Applicability(False, "the model has no Linear parameters to quantize")
-        return Applicability(True)
+        return _layers.linear_quantization_applicability(analysis)
 
     def estimate(self, analysis: AnalysisReport, config: TechniqueConfig) -> Estimate:
         assert isinstance(config, WeightOnlyInt8Config)
@@ -138,7 +127,7 @@ class WeightOnlyInt8(Technique):
         context.progress.update(self.name, 0, 1, f"quantizing {len(targets)} Linear layers")
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, _fqn: id(m) in chosen)
         context.progress.update(self.name, 1, 1)
-        _strip_instance_extra_repr(model)
+        make_picklable(model)
         return TechniqueResult(
             model=model,
             backend=_torchao_probe().backend,
@@ -220,12 +209,7 @@ class WeightOnlyInt4(Technique):
         return _bnb_probe()
 
     def applicable(self, analysis: AnalysisReport) -> Applicability:
-        reason = _layers.not_eager_reason(analysis) or _layers.already_quantized_reason(analysis)
-        if reason:
-            return Applicability(False, reason)
-        if _layers.linear_params(analysis) <= 0:
-            return Applicability(False, "the model has no Linear parameters to quantize")
-        return Applicability(True)
+        return _layers.linear_quantization_applicability(analysis)
 
     def estimate(self, analysis: AnalysisReport, config: TechniqueConfig) -> Estimate:
         assert isinstance(config, WeightOnlyInt4Config)
