@@ -151,9 +151,11 @@ def print_result(console: Console, result: OptimizationResult) -> None:
     steps = [a for a in result.attempts if a.status == "accepted"]
     chain = " → ".join(a.step.technique for a in steps) or "(no step accepted)"
     console.print(f"chain: {chain}")
-    console.print(f"attempts: {len(result.attempts)} ({len(steps)} accepted); stopped: {result.stop_reason}")
+    console.print(
+        f"attempts: {len(result.attempts)} ({len(steps)} accepted); stopped: {result.stop_reason}", soft_wrap=True
+    )
     verdict = "[green]criteria met[/green]" if result.criteria_met else "[red]criteria NOT met[/red]"
-    console.print(f"{verdict}; best model: {result.artifact}")
+    console.print(f"{verdict}; best model: {result.artifact}", soft_wrap=True)
     for event in result.decider_events:
         if not event.ok:
             console.print(f"[yellow]{event.agent}: {event.decider} decider rejected: {event.detail}[/yellow]")
