@@ -82,6 +82,16 @@ def bytes_per_param(analysis: AnalysisReport) -> float:
     return min(8.0, max(1.0, memory_bytes(analysis) / analysis.param_count))
 
 
+INT8_BYTES_PER_PARAM = 1.05  # the int8 weight plus its share of scales, zero points and fp32 bias
+
+
+def size_ratio_after(analysis: AnalysisReport, params: int, stored_bytes_per_param: float) -> float:
+    """Expected size after / before when `params` weights get `stored_bytes_per_param` and the rest is kept."""
+    before = memory_bytes(analysis)
+    after = before - params * (bytes_per_param(analysis) - stored_bytes_per_param)
+    return max(after, 1.0) / before
+
+
 def amdahl_speedup(share: float, layer_speedup: float) -> float:
     """Whole-model speedup when a `share` of the work runs `layer_speedup` times faster."""
     return 1.0 / ((1.0 - share) + share / layer_speedup)

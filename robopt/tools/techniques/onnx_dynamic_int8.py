@@ -67,10 +67,8 @@ class OnnxDynamicInt8(Technique):
     def estimate(self, analysis: AnalysisReport, config: TechniqueConfig) -> Estimate:
         quantized = _layers.params_of(analysis, _OPS)
         share = _layers.share_of_params(analysis, quantized)
-        before = max(analysis.size_on_disk_bytes, 1)
-        after = before - quantized * (_layers.bytes_per_param(analysis) - 1.05)
         return Estimate(
-            size_ratio=max(after, 1.0) / before,
+            size_ratio=_layers.size_ratio_after(analysis, quantized, _layers.INT8_BYTES_PER_PARAM),
             speedup=_layers.amdahl_speedup(share, 1.25),
             accuracy_risk="low",
             note=(

@@ -49,10 +49,6 @@ def _layer_speedup(analysis: AnalysisReport, quantized_params: int) -> tuple[flo
     return _LARGE_LAYER_SPEEDUP, work
 
 
-# Quantized bytes per parameter: 1 for the int8 weight plus fp32 bias and per-channel scale/zero point.
-_QUANT_BYTES_PER_PARAM = 1.05
-
-
 class DynamicInt8Config(TechniqueConfig):
     """torch.ao `quantize_dynamic` settings."""
 
@@ -126,12 +122,10 @@ class QuantizeDynamicInt8(Technique):
     def estimate(self, analysis: AnalysisReport, config: TechniqueConfig) -> Estimate:
         assert isinstance(config, DynamicInt8Config)
         quantized = _layers.params_of(analysis, config.layer_types)
-        before = _layers.memory_bytes(analysis)
-        after = before - quantized * (_layers.bytes_per_param(analysis) - _QUANT_BYTES_PER_PARAM)
         share = _layers.share_of_params(analysis, quantized)
         layer_speedup, work = _layer_speedup(analysis, quantized)
         return Estimate(
-            size_ratio=max(after, 1.0) / before,
+            size_ratio=_layers.size_ratio_after(analysis, quantized, _layers.INT8_BYTES_PER_PARAM),
             speedup=_layers.amdahl_speedup(share, layer_speedup),
             accuracy_risk="low",
             note=(

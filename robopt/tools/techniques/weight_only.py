@@ -102,11 +102,9 @@ class WeightOnlyInt8(Technique):
     def estimate(self, analysis: AnalysisReport, config: TechniqueConfig) -> Estimate:
         assert isinstance(config, WeightOnlyInt8Config)
         linear = _layers.linear_params(analysis)
-        before = _layers.memory_bytes(analysis)
-        after = before - linear * (_layers.bytes_per_param(analysis) - 1.05)
         share = _layers.share_of_params(analysis, linear)
         return Estimate(
-            size_ratio=max(after, 1.0) / before,
+            size_ratio=_layers.size_ratio_after(analysis, linear, _layers.INT8_BYTES_PER_PARAM),
             speedup=_layers.amdahl_speedup(share, _INT8_LAYER_SPEEDUP),
             accuracy_risk="low",
             note=(
@@ -215,11 +213,9 @@ class WeightOnlyInt4(Technique):
         assert isinstance(config, WeightOnlyInt4Config)
         linear = _layers.linear_params(analysis)
         scale_bytes = (1.0 if config.double_quant else 4.0) / config.blocksize
-        before = _layers.memory_bytes(analysis)
-        after = before - linear * (_layers.bytes_per_param(analysis) - 0.5 - scale_bytes)
         share = _layers.share_of_params(analysis, linear)
         return Estimate(
-            size_ratio=max(after, 1.0) / before,
+            size_ratio=_layers.size_ratio_after(analysis, linear, 0.5 + scale_bytes),
             speedup=_layers.amdahl_speedup(share, _INT4_LAYER_SPEEDUP),
             accuracy_risk="medium",
             note=(
