@@ -64,6 +64,10 @@ def _model_reference(model: ModelInput, options: LoadOptions, context: Context) 
     return str(model)
 
 
+def _load_options(value: LoadOptions | dict[str, Any] | None) -> LoadOptions:
+    return value if isinstance(value, LoadOptions) else LoadOptions.model_validate(value or {})
+
+
 def _criteria(criteria: Criteria | dict[str, Any] | None) -> dict[str, Any]:
     if criteria is None:
         return Criteria().model_dump(mode="json")
@@ -86,9 +90,7 @@ def optimize(
     `result.artifact` is the best model's artifact path; `result.attempts` lists every step tried.
     """
     context = context or Context()
-    options = (
-        LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) else load_options
-    )
+    options = _load_options(load_options)
     spec = parse_evaluator(evaluator)
     inputs: dict[str, Any] = {
         "model": _model_reference(model, options, context),
@@ -123,7 +125,7 @@ def resume(
     on_event: EventHandler | None = None,
     checkpoint: str | None = None,
 ) -> OptimizationResult:
-    """Continue a session from its last checkpoint (or from `checkpoint`, forking the session there)."""
+    """Continue a session from its last checkpoint (or from `checkpoint`, an id or unique prefix, forking there)."""
     outcome: SessionOutcome = run_session(
         None, session=session, context=context or Context(), on_event=on_event, checkpoint_id=checkpoint
     )
@@ -154,9 +156,7 @@ def analyze(
 
     context = context or Context()
     settings = context.settings()
-    options = (
-        LoadOptions.model_validate(load_options or {}) if not isinstance(load_options, LoadOptions) else load_options
-    )
+    options = _load_options(load_options)
     store = ArtifactStore(settings.artifacts_dir)
     progress = progress or Progress(node="analyze")
     ingested = ingest_model(

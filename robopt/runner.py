@@ -60,10 +60,13 @@ def run_session(
     on_event: EventHandler | None = None,
     checkpoint_id: str | None = None,
 ) -> SessionOutcome:
-    """Run (inputs given) or resume (inputs None) a session until it ends; events go to `on_event`."""
+    """Run (inputs given) or resume (inputs None) a session until it ends; events go to `on_event`.
+    `checkpoint_id` (an id or unique prefix) resumes from that checkpoint instead of the last, forking there."""
     emit = on_event or (lambda event: None)
     with open_persistence(context.settings()) as persistence:
         graph = build_graph(persistence.checkpointer, persistence.store)
+        if checkpoint_id:
+            checkpoint_id = _find_checkpoint(graph, session, checkpoint_id).config["configurable"]["checkpoint_id"]
         if inputs is None:
             snapshot = graph.get_state(_config(session, checkpoint_id))
             if not snapshot.values:
@@ -86,6 +89,17 @@ def _history(graph: Any, session: str) -> list[StateSnapshot]:
     if not snapshots:
         raise SessionNotFoundError(f"no session {session!r}", "`robopt sessions` lists the sessions")
     return snapshots
+
+
+def _find_checkpoint(graph: Any, session: str, checkpoint: str) -> StateSnapshot:
+    """The one checkpoint of `session` whose id starts with `checkpoint`."""
+    matches = [s for s in _history(graph, session) if s.config["configurable"]["checkpoint_id"].startswith(checkpoint)]
+    if len(matches) != 1:
+        raise CheckpointNotFoundError(
+            f"{len(matches) or 'no'} checkpoints of session {session} match {checkpoint!r}",
+            f"`robopt history {session}` lists its checkpoints",
+        )
+    return matches[0]
 
 
 def session_history(session: str, context: Context) -> list[dict[str, Any]]:
@@ -125,15 +139,7 @@ def rollback_session(session: str, checkpoint: str, context: Context) -> Optimiz
     """Make the accepted model at `checkpoint` (an id or unique prefix) the session's result, as a new checkpoint."""
     with open_persistence(context.settings()) as persistence:
         graph = build_graph(persistence.checkpointer, persistence.store)
-        matches = [
-            s for s in _history(graph, session) if s.config["configurable"]["checkpoint_id"].startswith(checkpoint)
-        ]
-        if len(matches) != 1:
-            raise CheckpointNotFoundError(
-                f"{len(matches) or 'no'} checkpoints of session {session} match {checkpoint!r}",
-                f"`robopt history {session}` lists its checkpoints",
-            )
-        target = matches[0]
+        target = _find_checkpoint(graph, session, checkpoint)
         if "current" not in target.values:
             raise CheckpointNotFoundError(
                 f"checkpoint {checkpoint} is before the baseline was measured; there is no model to restore",

@@ -422,23 +422,8 @@ def resume(
     from robopt import api
 
     context = _context(llm, data_dir)
-    checkpoint = None
-    if from_checkpoint:
-        matches = [
-            r["checkpoint"]
-            for r in api.history(session, context=context)
-            if r["checkpoint"].startswith(from_checkpoint)
-        ]
-        if len(matches) != 1:
-            from robopt.errors import CheckpointNotFoundError
-
-            raise CheckpointNotFoundError(
-                f"{len(matches) or 'no'} checkpoints match {from_checkpoint!r}",
-                f"`robopt history {session}` lists them",
-            )
-        checkpoint = matches[0]
     result = _run_with_display(
-        as_json, lambda on_event: api.resume(session, context=context, on_event=on_event, checkpoint=checkpoint)
+        as_json, lambda on_event: api.resume(session, context=context, on_event=on_event, checkpoint=from_checkpoint)
     )
     _print_outcome(result, as_json)
 

@@ -114,6 +114,13 @@ def test_history_and_rollback_to_a_checkpoint(fresh_data_dir):
     # the rollback is itself a new checkpoint at the head of the session; the optimized artifact still exists
     assert api.history("hist-1", context=FAST)[-1]["artifact"] == result.baseline.artifact.sha256
     ArtifactStore(fresh_data_dir / "artifacts").verify(result.best.artifact)
+    # resuming from the post-analysis checkpoint (by prefix) forks there and re-runs the same plan
+    forked = api.resume("hist-1", checkpoint=after_analysis["checkpoint"][:20], context=FAST)
+    assert forked.criteria_met and forked.best.artifact.sha256 == result.best.artifact.sha256
+    from robopt.errors import CheckpointNotFoundError
+
+    with pytest.raises(CheckpointNotFoundError):
+        api.resume("hist-1", checkpoint="no-such-checkpoint", context=FAST)
 
 
 def test_a_live_module_is_stored_as_an_artifact_first(fresh_data_dir):
