@@ -13,7 +13,13 @@ from robopt.domain.analysis import AnalysisReport
 from robopt.domain.criteria import Criteria
 from robopt.domain.plan import DeciderEvent
 from robopt.domain.records import ArtifactRef, Attempt, Measurement
-from robopt.evaluation.base import EvaluationSetup, Evaluator, EvaluatorSpec, build_evaluator
+from robopt.evaluation.base import (
+    EvaluationSetup,
+    Evaluator,
+    EvaluatorSpec,
+    build_evaluator,
+    evaluator_needs_reference,
+)
 from robopt.evaluation.profile_artifact import ArtifactProfile, profile_artifact
 from robopt.graph.context import Context
 from robopt.graph.state import ModelState, State
@@ -92,7 +98,7 @@ def make_evaluator(state: State, env: NodeEnv) -> Evaluator:
     """The run's evaluator; output fidelity compares against the baseline model."""
     spec = EvaluatorSpec.model_validate(state["evaluator_resolved"])
     baseline = ArtifactRef.model_validate(state["ingested"]["artifact"])
-    reference = env.store.load(baseline) if spec.name == "output-fidelity" else None
+    reference = env.store.load(baseline) if evaluator_needs_reference(spec.name) else None
     return build_evaluator(
         spec, EvaluationSetup(reference=reference, input_spec=baseline.input_spec, seed=env.context.seed)
     )

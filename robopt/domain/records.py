@@ -57,6 +57,10 @@ class Measurement(BaseModel):
     latency_threads: int | None = None
     peak_memory_bytes: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    samples: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="Per-sample outcomes behind a metric (e.g. success per seeded episode), for paired decisions.",
+    )
     primary_metric: str | None = None
     higher_is_better: bool = True
     outputs_finite: bool = True

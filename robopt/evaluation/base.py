@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +34,27 @@ class EvaluationSetup:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What was measured about the model being evaluated before the evaluator runs (all optional).
+
+    Control-rate-aware evaluators use the latency; device-profile predictions use FLOPs and weight bytes.
+    """
+
+    latency_ms: float | None = None
+    latency_source: str = "measured on this machine"
+    flops: int | None = None
+    weight_bytes: int | None = None
+
+
+@dataclass
+class Evaluation:
+    """Metrics, plus per-sample outcomes (e.g. success per seeded episode) for paired statistical decisions."""
+
+    metrics: dict[str, float]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
 class Evaluator(ABC):
     """Measures a task metric. `primary_metric` is the one acceptance is judged on."""
 
@@ -41,10 +62,15 @@ class Evaluator(ABC):
     description: ClassVar[str]
     primary_metric: str
     higher_is_better: bool = True
+    needs_reference: ClassVar[bool] = False  # True: EvaluationSetup.reference must be the original model
 
     @abstractmethod
     def evaluate(self, model: nn.Module, progress: Progress) -> dict[str, float]:
         """Return metric name -> value. Raise EvaluationError when the model cannot be evaluated."""
+
+    def evaluate_detailed(self, model: nn.Module, progress: Progress, facts: ModelFacts | None = None) -> Evaluation:
+        """Metrics and per-sample outcomes; evaluators that use `facts` or keep samples override this."""
+        return Evaluation(metrics=self.evaluate(model, progress))
 
 
 EvaluatorFactory = Callable[[EvaluatorSpec, EvaluationSetup], Evaluator]
@@ -66,6 +92,13 @@ def _ensure_builtin() -> None:
 def list_evaluators() -> dict[str, str]:
     _ensure_builtin()
     return {name: desc for name, (_, desc) in sorted(_EVALUATORS.items())}
+
+
+def evaluator_needs_reference(name: str) -> bool:
+    """Whether the evaluator registered as `name` compares against the original model."""
+    _ensure_builtin()
+    factory = _EVALUATORS.get(name, (None, ""))[0]
+    return bool(getattr(factory, "needs_reference", False))
 
 
 def build_evaluator(spec: EvaluatorSpec, setup: EvaluationSetup) -> Evaluator:

@@ -35,6 +35,7 @@ class OutputFidelityEvaluator(Evaluator):
     description = "agreement with the original model's outputs on deterministic random inputs (no data needed)"
     primary_metric = "top1_agreement"
     higher_is_better = True
+    needs_reference = True
 
     def __init__(self, spec: EvaluatorSpec, setup: EvaluationSetup) -> None:
         self.options = parse_options(FidelityOptions, spec)

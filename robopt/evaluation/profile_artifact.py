@@ -11,7 +11,7 @@ from torch import nn
 from robopt.domain.analysis import AnalysisReport
 from robopt.domain.records import ArtifactRef, Measurement
 from robopt.errors import EvaluationError
-from robopt.evaluation.base import Evaluator
+from robopt.evaluation.base import Evaluator, ModelFacts
 from robopt.evaluation.measure import measure_isolated, measure_latency
 from robopt.memory.artifacts import ArtifactStore
 from robopt.progress import Progress
@@ -82,10 +82,18 @@ def profile_artifact(
         unmeasured["peak_memory"] = "not measured: isolated measurement is off for this run"
 
     metrics: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
     if evaluator is not None:
         progress.message("evaluate", f"task metric: {evaluator.name}")
+        facts = ModelFacts(
+            latency_ms=latency.p50_ms if latency else None,
+            latency_source="measured on this machine" + (" (fresh process)" if isolated else " (in-process)"),
+            flops=static.flops,
+            weight_bytes=ref.size_bytes,
+        )
         try:
-            metrics = evaluator.evaluate(model, progress)
+            evaluation = evaluator.evaluate_detailed(model, progress, facts)
+            metrics, samples = evaluation.metrics, evaluation.samples
         except EvaluationError:
             raise
         except (RuntimeError, ValueError, TypeError) as e:
@@ -102,6 +110,7 @@ def profile_artifact(
         latency_threads=latency.threads if latency else None,
         peak_memory_bytes=peak,
         metrics=metrics,
+        samples=samples,
         primary_metric=evaluator.primary_metric if evaluator else None,
         higher_is_better=evaluator.higher_is_better if evaluator else True,
         outputs_finite=finite,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from robopt.domain.records import ArtifactRef
-from robopt.errors import ModelNotFoundError
+from robopt.errors import ModelNotFoundError, UnsupportedFormatError
 from robopt.memory.artifacts import ArtifactStore
 from robopt.progress import Progress
 from robopt.tools.loading import LoadOptions, load_model
@@ -74,13 +74,18 @@ def ingest_model(
             )
         progress.message("zoo", f"resolving zoo model {reference}")
         path, card = zoo.resolve(reference, zoo_dir, progress=progress)
-        options = options.model_copy(
-            update={
-                "architecture": options.architecture or card.architecture,
-                "architecture_kwargs": options.architecture_kwargs or card.architecture_kwargs,
-                "input_spec": options.input_spec or card.input_spec,
-            }
-        )
+        if card.kind == "shape-only":
+            raise UnsupportedFormatError(
+                f"zoo model {reference!r} is shape-only: its architecture is built on the meta device with no "
+                "weights, so it can be analyzed but not run or optimized",
+                f"`robopt analyze {reference}` reports its size, memory and predicted latency; "
+                "optimize a runnable zoo model instead (robopt zoo list)",
+            )
+        update: dict[str, Any] = {"input_spec": options.input_spec or card.input_spec}
+        if card.kind == "module":
+            update["architecture"] = options.architecture or card.architecture
+            update["architecture_kwargs"] = options.architecture_kwargs or card.architecture_kwargs
+        options = options.model_copy(update=update)
 
     progress.message("load", f"validating and loading {path}")
     loaded = load_model(path, options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -18,7 +18,10 @@ from robopt.progress import Progress
 from robopt.tools.architectures import build_architecture
 
 WEIGHTS_FILE = "model.safetensors"
+HF_FOLDER = "hf"
 CARD_FILE = "card.json"
+
+ZooKind = Literal["module", "hf-folder", "shape-only"]
 
 
 class ModelCard(BaseModel):
@@ -28,6 +31,11 @@ class ModelCard(BaseModel):
 
     name: str
     description: str
+    kind: ZooKind = Field(
+        default="module",
+        description="module: safetensors state dict + architecture; hf-folder: a save_pretrained folder; "
+        "shape-only: an architecture with no weights (analysis and predictions only).",
+    )
     architecture: str = Field(description="Import path of the nn.Module class, e.g. 'robopt.zoo.digits_cnn:DigitsCNN'.")
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     family: ArchitectureFamily
@@ -69,6 +77,7 @@ def load_card_model(weights_path: Path, card: ModelCard) -> nn.Module:
 
 
 TrainFn = Callable[[int, Progress, dict[str, Any]], nn.Module]  # (seed, progress, architecture_kwargs)
+FolderFn = Callable[[int, Progress, Path], None]  # (seed, progress, directory to write a save_pretrained folder in)
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,9 @@ class ZooEntry:
     family: ArchitectureFamily
     input_spec: InputSpec
     evaluator: EvaluatorSpec
-    train: TrainFn = field(repr=False)
+    train: TrainFn | None = field(default=None, repr=False)
+    kind: ZooKind = "module"
+    build_folder: FolderFn | None = field(default=None, repr=False)
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
     suggested_criteria: dict[str, str] = field(default_factory=dict)
     seed: int = 0

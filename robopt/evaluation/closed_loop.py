@@ -1,0 +1,1 @@
+"""Evaluator module closed_loop (being written)."""

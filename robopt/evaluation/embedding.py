@@ -1,0 +1,1 @@
+"""Evaluator module embedding (being written)."""

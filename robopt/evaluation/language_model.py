@@ -1,0 +1,1 @@
+"""Evaluator module language_model (being written)."""

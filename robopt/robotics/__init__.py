@@ -1,0 +1,1 @@
+"""Simulated robot tasks (MuJoCo), scripted experts, closed-loop rollouts and the control-rate timing model."""

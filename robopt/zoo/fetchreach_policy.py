@@ -1,0 +1,1 @@
+"""Zoo entry fetchreach_policy (being written)."""

@@ -1,0 +1,1 @@
+"""Zoo entry mini_vla (being written)."""

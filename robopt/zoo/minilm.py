@@ -1,0 +1,1 @@
+"""Zoo entry minilm (being written)."""

@@ -1,0 +1,1 @@
+"""Zoo entry openvla (being written)."""

@@ -1,0 +1,1 @@
+"""Zoo entry reacher_policy (being written)."""

@@ -1,0 +1,1 @@
+"""Zoo entry tiny_lm (being written)."""
