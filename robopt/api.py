@@ -68,9 +68,10 @@ def _load_options(value: LoadOptions | dict[str, Any] | None) -> LoadOptions:
     return value if isinstance(value, LoadOptions) else LoadOptions.model_validate(value or {})
 
 
-def _criteria(criteria: Criteria | dict[str, Any] | None) -> dict[str, Any]:
+def _criteria(criteria: Criteria | dict[str, Any] | None) -> dict[str, Any] | None:
+    """None stays None: intake then takes a zoo model's suggested criteria from its card (or the defaults)."""
     if criteria is None:
-        return Criteria().model_dump(mode="json")
+        return None
     return (criteria if isinstance(criteria, Criteria) else Criteria.model_validate(criteria)).model_dump(mode="json")
 
 

@@ -85,6 +85,12 @@ class EvaluationError(RoboptError):
     code = "evaluation_failed"
 
 
+class PrefilterRejectedError(EvaluationError):
+    """A cheap offline proxy showed the model is far off, so the expensive evaluation was skipped."""
+
+    code = "prefilter_rejected"
+
+
 class ResourceLimitError(RoboptError):
     code = "resource_limit"
 

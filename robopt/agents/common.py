@@ -18,6 +18,7 @@ from robopt.evaluation.base import (
     Evaluator,
     EvaluatorSpec,
     build_evaluator,
+    evaluator_criteria_options,
     evaluator_needs_reference,
 )
 from robopt.evaluation.profile_artifact import ArtifactProfile, profile_artifact
@@ -94,9 +95,21 @@ def attempts_of(state: State) -> list[Attempt]:
     return [Attempt.model_validate(a) for a in state.get("attempts") or []]
 
 
-def make_evaluator(state: State, env: NodeEnv) -> Evaluator:
-    """The run's evaluator; output fidelity compares against the baseline model."""
+def evaluator_spec(state: State) -> EvaluatorSpec:
+    """The run's evaluator spec, with the criteria that are evaluator settings (episodes, control rate, target)."""
     spec = EvaluatorSpec.model_validate(state["evaluator_resolved"])
+    criteria = criteria_of(state)
+    settings = {
+        key: getattr(criteria, key)
+        for key in evaluator_criteria_options(spec.name)
+        if getattr(criteria, key, None) is not None
+    }
+    return spec.model_copy(update={"options": {**spec.options, **settings}}) if settings else spec
+
+
+def make_evaluator(state: State, env: NodeEnv) -> Evaluator:
+    """The run's evaluator; evaluators that compare with the original (fidelity, closed loop) get the baseline."""
+    spec = evaluator_spec(state)
     baseline = ArtifactRef.model_validate(state["ingested"]["artifact"])
     reference = env.store.load(baseline) if evaluator_needs_reference(spec.name) else None
     return build_evaluator(
@@ -122,9 +135,12 @@ def profile(state: State, env: NodeEnv, ref: ArtifactRef) -> ArtifactProfile:
 
 def history_key(state: State) -> str:
     """Past attempts are comparable only on the same model judged by the same evaluator."""
+    import json
+
     baseline = AnalysisReport.model_validate(state["baseline"]["analysis"])
-    spec = EvaluatorSpec.model_validate(state["evaluator_resolved"])
-    return f"{baseline.fingerprint()}|{spec.name}:{spec.dataset or ''}"
+    spec = evaluator_spec(state)
+    options = json.dumps(spec.options, sort_keys=True, default=str) if spec.options else ""
+    return f"{baseline.fingerprint()}|{spec.name}:{spec.dataset or ''}{options}"
 
 
 def decider_event(agent: str, decider: str, ok: bool, detail: str = "") -> dict[str, Any]:

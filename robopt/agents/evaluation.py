@@ -18,7 +18,7 @@ from robopt.agents.common import (
 )
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import ArtifactRef, Attempt, PlanStep
-from robopt.errors import EvaluationError
+from robopt.errors import EvaluationError, PrefilterRejectedError
 from robopt.evaluation.judge import judge_candidate
 from robopt.graph.context import Context
 from robopt.graph.state import State
@@ -45,6 +45,9 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
     )
     try:
         measured = profile(state, env, ref)
+    except PrefilterRejectedError as e:
+        attempt.reason = e.message
+        return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
     except EvaluationError as e:
         attempt.reason = f"evaluation failed: {e.message}"
         return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})

@@ -12,7 +12,7 @@ from robopt.agents.common import decider_event, node_env, session_id
 from robopt.agents.deciders.chat_model import resolve_chat_model
 from robopt.agents.deciders.llm_request import llm_parse_request
 from robopt.agents.deciders.request_rules import ParsedRequest, parse_request
-from robopt.domain.criteria import Criteria
+from robopt.domain.criteria import Criteria, criteria_from_strings
 from robopt.errors import RequestNotUnderstoodError
 from robopt.evaluation.base import EvaluatorSpec
 from robopt.graph.context import Context
@@ -54,7 +54,6 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
             criteria = parsed.criteria().model_dump(mode="json")
     if not reference:
         raise RequestNotUnderstoodError("no model was given", "pass a model path or a zoo name (e.g. digits-cnn)")
-    criteria_obj = Criteria.model_validate(criteria or {})
 
     ingested = ingest_model(
         reference,
@@ -63,6 +62,12 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
         options=LoadOptions.model_validate(state.get("load_options") or {}),
         progress=env.progress,
     )
+    if criteria is None and ingested.card is not None and ingested.card.get("suggested_criteria"):
+        suggested = ingested.card["suggested_criteria"]
+        criteria_obj = criteria_from_strings(**suggested)
+        env.progress.message("intake", f"no criteria given: using the model card's suggestion {suggested}")
+    else:
+        criteria_obj = Criteria.model_validate(criteria or {})
     if state.get("evaluator"):
         spec = EvaluatorSpec.model_validate(state["evaluator"])
     elif ingested.card is not None:

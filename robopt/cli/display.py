@@ -86,13 +86,42 @@ class LiveDisplay:
         m = a.get("measurement") or {}
         figures = ""
         if m:
-            metrics = ", ".join(f"{k} {v:.4f}" for k, v in (m.get("metrics") or {}).items() if k != "samples")
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in (m.get("metrics") or {}).items() if _headline(k))
             latency = f"{m['latency_ms_p50']:.3f} ms" if m.get("latency_ms_p50") is not None else "-"
             figures = f" — {format_bytes(m.get('size_bytes'))}, p50 {latency}, {metrics}"
         self.console.print(
             f"  [{colour}]{a['status']}[/{colour}] #{a['index']} {a['step']['technique']}{figures}\n"
             f"    [dim]{a.get('reason', '')}[/dim]"
         )
+
+
+def _headline(metric: str) -> bool:
+    """Metrics worth a place on an attempt's one-line summary (interval bounds and timings go to the table)."""
+    return not any(part in metric for part in ("_ci_", "seconds", "mean_return", "latency_predicted", "episodes"))
+
+
+def closed_loop_lines(base: Measurement, best: Measurement) -> list[str]:
+    """Success at ideal and at real timing, before and after, with Wilson intervals and the timing behind them."""
+    if "success_real" not in base.metrics or "success_real" not in best.metrics:
+        return []
+
+    def figure(m: Measurement, timing: str) -> str:
+        low, high = m.metrics.get(f"success_{timing}_ci_low"), m.metrics.get(f"success_{timing}_ci_high")
+        interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+        return f"{m.metrics[f'success_{timing}']:.2f}{interval}"
+
+    def timing(m: Measurement) -> str:
+        source = "predicted" if m.metrics.get("latency_predicted") else "measured"
+        ticks = int(m.metrics.get("ticks_per_inference", 1))
+        return f"{m.metrics.get('inference_latency_ms', float('nan')):.3g} ms {source}, {ticks} tick(s)"
+
+    episodes = int(base.metrics.get("episodes", 0))
+    rate = base.metrics.get("control_rate_hz", float("nan"))
+    return [
+        f"closed-loop success over {episodes} seeded episodes at {rate:g} Hz (95% Wilson intervals):",
+        f"  ideal timing: {figure(base, 'ideal')} → {figure(best, 'ideal')}",
+        f"  real timing:  {figure(base, 'real')} ({timing(base)}) → {figure(best, 'real')} ({timing(best)})",
+    ]
 
 
 def _change(before: float | None, after: float | None, better: str, worse: str) -> str:
@@ -144,10 +173,13 @@ def result_table(result: OptimizationResult) -> Table:
 
 def print_result(console: Console, result: OptimizationResult) -> None:
     console.print(result_table(result))
+    for line in closed_loop_lines(result.baseline.measurement, result.best.measurement):
+        console.print(line, soft_wrap=True)
     for check in result.checks:
         mark = "[green]✓[/green]" if check.met else "[red]✗[/red]"
         value = "-" if check.value is None else f"{check.value:g}"
-        console.print(f"  {mark} {check.name}: {value} (limit {check.limit:g})")
+        detail = f" — {check.detail}" if check.detail else ""
+        console.print(f"  {mark} {check.name}: {value} (limit {check.limit:g}){detail}", soft_wrap=True)
     steps = [a for a in result.attempts if a.status == "accepted"]
     chain = " → ".join(a.step.technique for a in steps) or "(no step accepted)"
     console.print(f"chain: {chain}")

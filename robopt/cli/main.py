@@ -136,10 +136,21 @@ def optimize(
     max_size: Annotated[str | None, typer.Option(help="e.g. 2MB, 500KB, 25% (of original) or 4x (smaller).")] = None,
     max_accuracy_drop: Annotated[str | None, typer.Option(help="e.g. 1% (one point), 0.5pt, 2%rel.")] = None,
     max_latency: Annotated[str | None, typer.Option(help="p50 latency limit on this machine, e.g. 5ms.")] = None,
-    target: Annotated[str | None, typer.Option(help="Target hardware name (free text).")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Target device profile, e.g. jetson-orin-nano-8gb (closed-loop: predicted latency)."),
+    ] = None,
     time_budget: Annotated[str | None, typer.Option(help="Stop starting new attempts after e.g. 10m.")] = None,
+    control_rate: Annotated[
+        str | None, typer.Option(help="Robot control rate for closed-loop timing, e.g. 20Hz.")
+    ] = None,
+    episodes: Annotated[int | None, typer.Option(help="Seeded closed-loop episodes per model, e.g. 50.")] = None,
     evaluator: Annotated[
-        str | None, typer.Option(help="classification[:DATA] (DATA: digits or a .npz with x,y) or output-fidelity.")
+        str | None,
+        typer.Option(
+            help="classification[:DATA], output-fidelity, closed-loop:TASK (reacher, fetchreach, mini-vla), "
+            "perplexity, lm-eval, embedding-fidelity; default: the zoo card's, else output-fidelity."
+        ),
     ] = None,
     technique: Annotated[list[str] | None, typer.Option(help="Only plan with these techniques (repeatable).")] = None,
     architecture: Annotated[
@@ -158,13 +169,17 @@ def optimize(
     from robopt import api
     from robopt.domain.criteria import criteria_from_strings
 
-    criteria = criteria_from_strings(
-        max_size=max_size,
-        max_accuracy_drop=max_accuracy_drop,
-        max_latency=max_latency,
-        target=target,
-        time_budget=time_budget,
-    )
+    given = {
+        "max_size": max_size,
+        "max_accuracy_drop": max_accuracy_drop,
+        "max_latency": max_latency,
+        "target": target,
+        "time_budget": time_budget,
+        "control_rate": control_rate,
+        "episodes": episodes,
+    }
+    # No criteria at all: a zoo model's card suggests them (intake says so); otherwise exactly what was given.
+    criteria = criteria_from_strings(**given) if any(v is not None for v in given.values()) else None
     options = _load_options(architecture, architecture_kwargs, trust_pickle, input_shape)
     context = _context(llm, data_dir, threads)
     result = _run_with_display(

@@ -43,7 +43,22 @@ class Criteria(BaseModel):
     max_latency_ms: float | None = Field(
         default=None, gt=0, description="Largest acceptable p50 latency on this machine."
     )
-    target: str | None = Field(default=None, description="Target hardware name (free text for now).")
+    target: str | None = Field(
+        default=None,
+        description="Target device (a profile name such as 'jetson-orin-nano-8gb'); closed-loop evaluation predicts "
+        "the model's latency there instead of measuring it here.",
+    )
+    control_rate_hz: float | None = Field(
+        default=None,
+        gt=0,
+        description="The robot's control rate: closed-loop evaluation turns inference latency into control ticks.",
+    )
+    confidence: float = Field(
+        default=0.95, ge=0.5, lt=1, description="Confidence of statistical decisions (paired non-inferiority)."
+    )
+    episodes: int | None = Field(
+        default=None, gt=0, le=100_000, description="Seeded closed-loop episodes per model (paired before/after)."
+    )
     time_budget_s: float | None = Field(default=None, gt=0, description="Stop starting new attempts after this long.")
 
     @model_validator(mode="after")
@@ -85,6 +100,10 @@ class Criteria(BaseModel):
             parts.append(f"latency p50 <= {self.max_latency_ms:g} ms")
         if self.target:
             parts.append(f"target {self.target}")
+        if self.control_rate_hz is not None:
+            parts.append(f"control rate {self.control_rate_hz:g} Hz")
+        if self.episodes is not None:
+            parts.append(f"{self.episodes} episodes")
         if self.time_budget_s is not None:
             parts.append(f"time budget {self.time_budget_s:g} s")
         return ", ".join(parts)
@@ -164,6 +183,20 @@ def parse_duration_s(text: str) -> float:
     return float(m.group(1)) * {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
 
 
+def parse_rate_hz(text: str) -> float:
+    """'20Hz', '20 hz', '20' -> 20.0; '50ms' (a period) -> 20.0."""
+    s = text.strip().lower().replace(" ", "")
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)(hz|/s)?", s):
+        value = float(m.group(1))
+    elif re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|us|µs)", s):
+        value = 1000.0 / parse_latency_ms(s)
+    else:
+        raise InvalidCriteriaError(f"cannot read control rate {text!r}", "use e.g. 20Hz, or a period such as 50ms")
+    if value <= 0:
+        raise InvalidCriteriaError(f"control rate {text!r} must be positive", "e.g. --control-rate 20Hz")
+    return value
+
+
 def criteria_from_strings(
     *,
     max_size: str | None = None,
@@ -171,6 +204,8 @@ def criteria_from_strings(
     max_latency: str | None = None,
     target: str | None = None,
     time_budget: str | None = None,
+    control_rate: str | None = None,
+    episodes: int | str | None = None,
 ) -> Criteria:
     """Build Criteria from the CLI's textual options."""
     size_bytes, size_ratio = parse_size(max_size) if max_size else (None, None)
@@ -183,4 +218,15 @@ def criteria_from_strings(
         max_latency_ms=parse_latency_ms(max_latency) if max_latency else None,
         target=target,
         time_budget_s=parse_duration_s(time_budget) if time_budget else None,
+        control_rate_hz=parse_rate_hz(control_rate) if control_rate else None,
+        episodes=_parse_episodes(episodes),
     )
+
+
+def _parse_episodes(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidCriteriaError(f"cannot read episode count {value!r}", "use a whole number, e.g. 50") from None

@@ -55,6 +55,7 @@ class CriteriaCheck(BaseModel):
     limit: float
     value: float | None
     met: bool
+    detail: str = Field(default="", description="How the check was decided, when more than value <= limit.")
 
 
 class OptimizationResult(BaseModel):

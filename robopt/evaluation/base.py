@@ -45,6 +45,7 @@ class ModelFacts:
     latency_source: str = "measured on this machine"
     flops: int | None = None
     weight_bytes: int | None = None
+    param_count: int | None = None
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Evaluator(ABC):
     primary_metric: str
     higher_is_better: bool = True
     needs_reference: ClassVar[bool] = False  # True: EvaluationSetup.reference must be the original model
+    criteria_options: ClassVar[tuple[str, ...]] = ()  # Criteria fields passed to the evaluator as options
 
     @abstractmethod
     def evaluate(self, model: nn.Module, progress: Progress) -> dict[str, float]:
@@ -99,6 +101,13 @@ def evaluator_needs_reference(name: str) -> bool:
     _ensure_builtin()
     factory = _EVALUATORS.get(name, (None, ""))[0]
     return bool(getattr(factory, "needs_reference", False))
+
+
+def evaluator_criteria_options(name: str) -> tuple[str, ...]:
+    """The criteria fields (e.g. episodes, control_rate_hz) the evaluator registered as `name` takes as options."""
+    _ensure_builtin()
+    factory = _EVALUATORS.get(name, (None, ""))[0]
+    return tuple(getattr(factory, "criteria_options", ()))
 
 
 def build_evaluator(spec: EvaluatorSpec, setup: EvaluationSetup) -> Evaluator:

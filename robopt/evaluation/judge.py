@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from robopt.domain.criteria import Criteria, format_bytes
 from robopt.domain.plan import CriteriaCheck
 from robopt.domain.records import Measurement
+from robopt.evaluation.statistics import paired_noninferiority, smallest_demonstrable_margin
 
 MIN_SIZE_GAIN = 0.02  # a step must shrink the model by 2% ...
 MIN_SPEED_GAIN = 0.10  # ... or speed it up by 10% to be worth keeping; latency of small models is noisy
@@ -44,17 +45,42 @@ def check_criteria(measurement: Measurement, baseline: Measurement, criteria: Cr
             )
         )
     if baseline.primary_value is not None:
-        drop = metric_drop(measurement, baseline)
-        allowed = criteria.allowed_drop(baseline.primary_value)
-        checks.append(
-            CriteriaCheck(
-                name=f"{baseline.primary_metric}_drop",
-                limit=allowed,
-                value=drop,
-                met=drop is not None and drop <= allowed + 1e-12,
-            )
-        )
+        checks.append(_metric_check(measurement, baseline, criteria))
     return checks
+
+
+def _metric_check(measurement: Measurement, baseline: Measurement, criteria: Criteria) -> CriteriaCheck:
+    """The primary metric's drop within budget. With paired per-episode outcomes (closed-loop success on the same
+    seeds) it is a paired non-inferiority test at the evaluator's confidence, not a raw difference: noise must
+    neither pass a broken model nor reject a good one."""
+    name = f"{baseline.primary_metric}_drop"
+    drop = metric_drop(measurement, baseline)
+    allowed = criteria.allowed_drop(baseline.primary_value or 0.0)
+    paired = _paired_outcomes(measurement, baseline)
+    if paired is None or drop is None:
+        return CriteriaCheck(name=name, limit=allowed, value=drop, met=drop is not None and drop <= allowed + 1e-12)
+    original, candidate = paired
+    confidence = criteria.confidence
+    test = paired_noninferiority(original, candidate, margin=min(allowed, 0.999), confidence=confidence)
+    detail = test.describe()
+    if not test.non_inferior and test.losses == 0 and allowed < smallest_demonstrable_margin(test.n, confidence):
+        detail += (
+            f"; with {test.n} episodes no margin below {smallest_demonstrable_margin(test.n, confidence):.3f} "
+            "can be shown: allow a larger drop (--max-accuracy-drop) or run more episodes (--episodes)"
+        )
+    return CriteriaCheck(name=name, limit=allowed, value=drop, met=test.non_inferior, detail=detail)
+
+
+def _paired_outcomes(measurement: Measurement, baseline: Measurement) -> tuple[list[float], list[float]] | None:
+    metric = baseline.primary_metric
+    if metric is None or not baseline.higher_is_better:
+        return None
+    original, candidate = baseline.samples.get(metric), measurement.samples.get(metric)
+    if not original or not candidate or len(original) != len(candidate):
+        return None
+    if any(v not in (0.0, 1.0) for v in (*original, *candidate)):
+        return None  # the test is for binary outcomes (success per episode)
+    return original, candidate
 
 
 @dataclass(frozen=True)
@@ -80,10 +106,11 @@ def judge_candidate(candidate: Measurement, current: Measurement, baseline: Meas
         if drop_check.value is None:
             return Verdict(False, f"{baseline.primary_metric} could not be measured", False)
         if not drop_check.met:
+            how = f": {drop_check.detail}" if drop_check.detail else ""
             return Verdict(
                 False,
                 f"{baseline.primary_metric} dropped by {drop_check.value:.4f} "
-                f"({baseline.primary_value:.4f} -> {candidate.primary_value:.4f}), allowed {drop_check.limit:.4f}",
+                f"({baseline.primary_value:.4f} -> {candidate.primary_value:.4f}), allowed {drop_check.limit:.4f}{how}",
                 False,
             )
     size_gain = current.size_bytes / max(candidate.size_bytes, 1)

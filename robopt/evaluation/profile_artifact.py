@@ -90,6 +90,7 @@ def profile_artifact(
             latency_source="measured on this machine" + (" (fresh process)" if isolated else " (in-process)"),
             flops=static.flops,
             weight_bytes=ref.size_bytes,
+            param_count=static.param_count,
         )
         try:
             evaluation = evaluator.evaluate_detailed(model, progress, facts)

@@ -53,3 +53,42 @@ def test_check_criteria_values_are_the_measurements():
     assert checks["size_bytes"].met and checks["size_bytes"].value == 400
     assert not checks["latency_ms_p50"].met and checks["latency_ms_p50"].value == 2.0
     assert checks["accuracy_drop"].value == 0.95 - 0.94
+
+
+def closed_loop(size, outcomes):
+    return Measurement(
+        size_bytes=size,
+        latency_ms_p50=0.1,
+        metrics={"success_real": sum(outcomes) / len(outcomes)},
+        samples={"success_real": [float(o) for o in outcomes]},
+        primary_metric="success_real",
+    )
+
+
+CL_BASE = closed_loop(1000, [1] * 45 + [0] * 5)
+
+
+def test_success_is_judged_by_paired_noninferiority_not_raw_difference():
+    criteria = Criteria(max_size_ratio=0.5, max_metric_drop=0.10)
+    # Raw drop 0.02 is within 0.10, and the paired test agrees: accepted.
+    ok = closed_loop(300, [0] + [1] * 44 + [0] * 5)
+    verdict = judge_candidate(ok, CL_BASE, CL_BASE, criteria)
+    assert verdict.accepted and verdict.criteria_met
+    check = next(c for c in check_criteria(ok, CL_BASE, criteria) if c.name == "success_real_drop")
+    assert "Tango" in check.detail and check.met
+    # Raw drop 0.08 is within 0.10, but 4 lost and 0 gained out of 50 cannot show the drop is under 0.10.
+    lossy = closed_loop(300, [0] * 4 + [1] * 41 + [0] * 5)
+    verdict = judge_candidate(lossy, CL_BASE, CL_BASE, criteria)
+    assert not verdict.accepted and "NOT shown non-inferior" in verdict.reason
+
+
+def test_success_margin_too_small_for_the_episode_count_says_how_to_fix_it():
+    same = closed_loop(300, [1] * 45 + [0] * 5)
+    verdict = judge_candidate(same, CL_BASE, CL_BASE, Criteria(max_metric_drop=0.01))
+    assert not verdict.accepted and "--episodes" in verdict.reason
+
+
+def test_unpaired_samples_fall_back_to_the_raw_difference():
+    other = closed_loop(300, [1] * 44 + [0] * 5)  # 49 episodes: not the same seeds
+    check = next(c for c in check_criteria(other, CL_BASE, Criteria(max_metric_drop=0.10)) if "drop" in c.name)
+    assert check.met and check.detail == ""
