@@ -143,6 +143,29 @@ def rollback(session: str, checkpoint: str, *, context: Context | None = None) -
     return rollback_session(session, checkpoint, context or Context())
 
 
+def shape_only_zoo_name(model: ModelInput) -> str | None:
+    """`model` when it names a shape-only zoo entry (an architecture without weights), else None."""
+    from robopt import zoo
+    from robopt.zoo.cards import get_entry
+
+    if isinstance(model, str) and not Path(model).expanduser().exists() and model in zoo.list_entries():
+        return model if get_entry(model).kind == "shape-only" else None
+    return None
+
+
+def shape_report(
+    name: str, *, devices: list[str] | None = None, context: Context | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Parameters, FLOPs, memory per precision and roofline latency / control-rate predictions per target
+    device for an OpenVLA-shaped zoo model (openvla-7b-shape is built on the meta device: no weights)."""
+    from robopt.tools.shape_report import zoo_shape_report
+
+    settings = (context or Context()).settings()
+    return zoo_shape_report(
+        name, zoo_dir=settings.zoo_dir, devices=devices, data_dir=settings.data_dir, progress=progress
+    )
+
+
 def analyze(
     model: ModelInput,
     *,

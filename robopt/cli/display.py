@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -230,3 +231,30 @@ def techniques_table(report: AnalysisReport) -> Table:
         speed = f"x{t.expected_speedup:.2f}" if t.expected_speedup is not None else "-"
         table.add_row(t.technique, t.family, applies, size, speed, t.note if t.applicable else t.reason)
     return table
+
+
+def print_shape_report(console: Console, report: dict[str, Any]) -> None:
+    """A shape-only model: parameters per component, memory per precision, predictions per device."""
+    params = report["params"]
+    console.print(f"[bold]{report['model']}[/bold]: {report['description']}", soft_wrap=True)
+    parts = ", ".join(f"{name} {count / 1e6:,.1f}M" for name, count in params["components"].items())
+    console.print(f"parameters: {params['total']:,} ({parts})", soft_wrap=True)
+    console.print(f"FLOPs per action: {report['flops']['action']:.3g}", soft_wrap=True)
+    table = Table(title="roofline predictions (batch 1, lower bounds on latency)", box=box.SIMPLE_HEAD)
+    widths = {"device": 26, "dtype": 5, "GB": 5, "fits": 4, "ms/tok": 7, "ms/act": 7, "Hz": 6}
+    for column, width in widths.items():
+        left = column in ("device", "dtype")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True, min_width=width)
+    for device, info in report["devices"].items():
+        for precision, p in info["precisions"].items():
+            table.add_row(
+                device,
+                precision,
+                f"{p['memory_required_bytes'] / 1e9:.1f}",
+                "yes" if p["fits"] else "[red]no[/red]",
+                f"{p['decode_token_ms']:.1f}",
+                f"{p['action_ms']:.0f}",
+                f"{p['control_rate_hz']:.2f}",
+            )
+    console.print(table)
+    console.print(f"[dim]{report['basis']} {report['precisions_note']}[/dim]", soft_wrap=True)

@@ -240,6 +240,13 @@ def analyze(
 
     options = _load_options(architecture, architecture_kwargs, trust_pickle, input_shape)
     context = _context(None, data_dir, threads)
+    if api.shape_only_zoo_name(model):
+        from robopt.cli.display import print_shape_report
+
+        with err.status("predicting..."):
+            shape = api.shape_report(model, context=context)
+        out.print_json(json.dumps(shape)) if as_json else print_shape_report(out, shape)
+        return
     if as_json:
         report = api.analyze(model, load_options=options, context=context)
         out.print_json(report.model_dump_json())

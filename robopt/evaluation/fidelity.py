@@ -5,6 +5,8 @@ The default evaluator for models without a labeled dataset; it needs the referen
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -22,6 +24,11 @@ class FidelityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     samples: int = Field(default=64, gt=0, description="number of random inputs (one forward pass each)")
+    primary: Literal["auto", "top1_agreement", "cosine"] = Field(
+        default="auto",
+        description="the metric judged: auto = top1_agreement for [batch, classes] logits, cosine otherwise; "
+        "top1_agreement also suits token logits such as [batch, action_dims, bins]",
+    )
 
 
 class OutputFidelityEvaluator(Evaluator):
@@ -74,7 +81,10 @@ class OutputFidelityEvaluator(Evaluator):
                 )
             self._reference_outputs = outputs
             first = outputs[0]
-            self.primary_metric = "top1_agreement" if first.ndim == 2 and first.shape[-1] > 1 else "cosine"
+            if self.options.primary != "auto":
+                self.primary_metric = self.options.primary
+            else:
+                self.primary_metric = "top1_agreement" if first.ndim == 2 and first.shape[-1] > 1 else "cosine"
         return self._reference_outputs
 
     def evaluate(self, model: nn.Module, progress: Progress) -> dict[str, float]:

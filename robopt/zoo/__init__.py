@@ -13,6 +13,7 @@ from torch import nn
 
 from robopt.evaluation.base import EvaluationSetup, EvaluatorSpec, build_evaluator, evaluator_needs_reference
 from robopt.progress import Progress
+
 # Importing an entry module registers its entry.
 from robopt.zoo import (  # noqa: F401
     digits_cnn,
