@@ -1,7 +1,8 @@
 """Isolated benchmark: `python -m robopt.evaluation.bench_probe` loads one artifact in a fresh process, runs it,
 and prints its peak RSS and, when asked, its latency.
 
-Reads `{"artifact": <ArtifactRef JSON>, "threads": n, "runs": n, "latency": {measure_latency kwargs} | null}`
+Reads `{"artifact": <ArtifactRef JSON>, "threads": n, "runs": n, "latency": {measure_latency kwargs} | null,
+"latency_threads": [thread counts to time]}`
 on stdin and prints one JSON line `{"peak_rss_bytes", "baseline_rss_bytes", "method", "latency"}`.
 
 A fresh process gives every model the same conditions: no OpenMP pool left busy by other threads, no
@@ -122,7 +123,9 @@ def main() -> None:
 
         from robopt.evaluation.measure import measure_latency
 
-        latency = asdict(measure_latency(model, inputs, threads=threads, **request["latency"]))
+        # Each thread count in turn (measure_latency sets and restores it); the caller keeps the fastest.
+        counts = [int(t) for t in request.get("latency_threads") or [threads]]
+        latency = [asdict(measure_latency(model, inputs, threads=t, **request["latency"])) for t in counts]
     print(json.dumps({"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "method": method, "latency": latency}))
 
 

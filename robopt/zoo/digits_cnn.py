@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -14,6 +12,7 @@ from robopt.domain.records import InputSpec, TensorSpec
 from robopt.evaluation.base import EvaluatorSpec
 from robopt.evaluation.datasets import digits_split
 from robopt.progress import Progress
+from robopt.tools.threads import torch_threads
 from robopt.zoo.cards import ZooEntry, register_entry
 
 EPOCHS = 15
@@ -47,23 +46,12 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    # One thread makes float reductions, hence the trained weights, identical on machines with any core count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train_digits_cnn(
     seed: int, progress: Progress, architecture_kwargs: dict[str, Any], epochs: int = EPOCHS
 ) -> DigitsCNN:
     """Train on the fixed digits train split with Adam; reports progress per epoch. Global RNG state is preserved."""
     x_train, y_train, _, _ = digits_split()
-    with torch.random.fork_rng(devices=[]), _single_thread():
+    with torch.random.fork_rng(devices=[]), torch_threads(1):
         torch.manual_seed(seed)
         model = DigitsCNN(**architecture_kwargs)
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)

@@ -421,3 +421,19 @@ def test_every_technique_registered_once() -> None:
     assert len(names) == len(set(names))
     families = {t.name: t.family for t in list_techniques()}
     assert {families[n] for n in TECHNIQUES} == {"quantization", "pruning"}
+
+
+def test_weight_only_int4_keeps_layers_narrower_than_a_block_in_fp32() -> None:
+    # bitsandbytes' CPU inference fails on rows shorter than one block (a 10-input policy layer, blocksize 64).
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 2))
+    technique = get_technique("weight_only_int4")
+    x = torch.randn(1, 10)
+    analysis = analyze(policy, "mlp-policy")
+    context = ApplyContext(analysis=analysis, example_inputs=(x,))
+    result = technique.apply(copy.deepcopy(policy), parse_config(technique, {}), context)
+    assert "0" in result.details["layers_skipped"] and type(result.model[0]) is nn.Linear
+    assert type(result.model[2]) is not nn.Linear  # the 128-wide layer is packed
+    with torch.no_grad():
+        out = result.model.eval()(x)
+    assert out.shape == (1, 2) and torch.isfinite(out).all()

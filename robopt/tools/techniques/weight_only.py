@@ -232,6 +232,11 @@ class WeightOnlyInt4(Technique):
         if not avail.available:
             raise TechniqueNotApplicableError(f"{self.name} is unavailable: {avail.reason}", "use weight_only_int8")
         targets, skipped = _linear_targets(model, config.skip_head, context.example_inputs)
+        # bitsandbytes' CPU inference path repacks absmax per row of in_features / blocksize blocks and fails
+        # ("shape '[256, 0]' is invalid") when a row is shorter than one block: such layers stay fp32.
+        narrow = [n for n, m in targets if m.in_features % config.blocksize]
+        targets = [(n, m) for n, m in targets if not m.in_features % config.blocksize]
+        skipped += narrow
         _require_targets(targets, skipped, self.name)
         model.eval()
         model = _replace_linears(model, targets, config, context.progress, self.name)
