@@ -184,10 +184,10 @@ def parse_duration_s(text: str) -> float:
 
 
 def parse_rate_hz(text: str) -> float:
-    """'20Hz', '20 hz', '20' -> 20.0; '50ms' (a period) -> 20.0."""
+    """'20Hz', '20 hz', '20', '1kHz' -> Hz; '50ms' (a period) -> 20.0."""
     s = text.strip().lower().replace(" ", "")
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)(hz|/s)?", s):
-        value = float(m.group(1))
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)(hz|khz|/s)?", s):
+        value = float(m.group(1)) * (1000.0 if m.group(2) == "khz" else 1.0)
     elif re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|us|µs)", s):
         value = 1000.0 / parse_latency_ms(s)
     else:

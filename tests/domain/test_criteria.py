@@ -78,3 +78,16 @@ def test_criteria_json_round_trip_and_strictness():
     assert Criteria.model_validate_json(c.model_dump_json()) == c
     with pytest.raises(ValueError):
         Criteria.model_validate({"max_sise_bytes": 3})
+
+
+def test_control_rate_and_episodes():
+    from robopt.domain.criteria import parse_rate_hz
+
+    assert parse_rate_hz("20Hz") == 20 and parse_rate_hz("20") == 20 and parse_rate_hz("1kHz") == 1000
+    assert parse_rate_hz("50ms") == pytest.approx(20)
+    c = criteria_from_strings(control_rate="5 Hz", episodes="30")
+    assert c.control_rate_hz == 5 and c.episodes == 30 and "control rate 5 Hz" in c.describe()
+    with pytest.raises(InvalidCriteriaError):
+        parse_rate_hz("fast")
+    with pytest.raises(InvalidCriteriaError):
+        criteria_from_strings(episodes="many")
