@@ -3,8 +3,11 @@
     .venv/bin/python bench/optimize_zoo.py [--out bench/results/optimize_zoo.json] [--models digits-cnn ...]
 
 Each model is run twice in the same process and data directory, measured by the same pipeline (isolated
-benchmark process, fixed threads): robopt's own plan, and the plain recipe alone. A fresh temporary data
-directory keeps past sessions' history out of the plans. Writes JSON; ratios are baseline / model.
+benchmark process, the faster of 1 and all threads): robopt's own plan, and the plain recipe alone. A fresh
+temporary data directory keeps past sessions' history out of the plans. Robotics models are judged by
+closed-loop success at real timing (success at ideal timing is recorded beside it). Shape-only models
+(openvla-7b-shape) have no weights: their entry holds the analysis and roofline predictions instead.
+Writes JSON; ratios are baseline / model.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,10 @@ def _summary(result: Any) -> dict[str, Any]:
 
     base, best = result.baseline.measurement, result.best.measurement
     return {
+        "primary_metric": base.primary_metric,
+        "metric_baseline": base.primary_value,
+        "metric_best": best.primary_value,
+        "success": _success(base, best),
         "baseline": model(base),
         "best": model(best),
         "size_ratio": base.size_bytes / best.size_bytes,
@@ -42,6 +50,39 @@ def _summary(result: Any) -> dict[str, Any]:
     }
 
 
+def _success(base: Any, best: Any) -> dict[str, Any] | None:
+    """Closed-loop success before/after at ideal and real timing, or None for models without a simulator."""
+    if "success_real" not in base.metrics:
+        return None
+    keys = ("success_ideal", "success_real", "inference_latency_ms", "ticks_per_inference")
+    return {
+        "episodes": base.metrics.get("episodes"),
+        "control_rate_hz": base.metrics.get("control_rate_hz"),
+        "baseline": {k: base.metrics.get(k) for k in keys},
+        "best": {k: best.metrics.get(k) for k in keys},
+    }
+
+
+def _shape_only(name: str) -> dict[str, Any]:
+    from robopt import api
+
+    report = api.shape_report(name)
+    return {
+        "kind": "shape-only",
+        "note": "no weights: analysis and roofline predictions only (lower bounds on latency)",
+        "params": report["params"],
+        "flops": {k: v for k, v in report["flops"].items() if k != "by_stage"},
+        "memory": report["memory"],
+        "devices": {
+            device: {
+                precision: {k: p[k] for k in ("fits", "decode_token_ms", "action_ms", "control_rate_hz")}
+                for precision, p in info["precisions"].items()
+            }
+            for device, info in report["devices"].items()
+        },
+    }
+
+
 def run(models: list[str]) -> dict[str, Any]:
     data_dir = tempfile.mkdtemp(prefix="robopt-bench-")
     os.environ["ROBOPT_DATA_DIR"] = data_dir
@@ -49,6 +90,7 @@ def run(models: list[str]) -> dict[str, Any]:
 
     from robopt import api, zoo
     from robopt.domain.criteria import criteria_from_strings
+    from robopt.errors import RoboptError
     from robopt.settings import get_settings
 
     settings = get_settings()
@@ -64,13 +106,24 @@ def run(models: list[str]) -> dict[str, Any]:
         "models": {},
     }
     for name in models:
+        print(f"== {name}", file=sys.stderr, flush=True)
         _, card = zoo.resolve(name, settings.zoo_dir)
+        if card.kind == "shape-only":
+            report["models"][name] = _shape_only(name)
+            continue
         criteria = criteria_from_strings(**card.suggested_criteria)
-        entry: dict[str, Any] = {"criteria": criteria.model_dump(exclude_none=True)}
+        entry: dict[str, Any] = {
+            "criteria": criteria.model_dump(exclude_none=True),
+            "evaluator": card.evaluator.model_dump(exclude={"options"}),
+            "zoo_build_seconds": card.build_seconds,
+        }
         for label, techniques in (("robopt", None), ("plain_dynamic_int8", ["quantize_dynamic_int8"])):
             started = time.perf_counter()
-            result = api.optimize(name, criteria, techniques=techniques)
-            entry[label] = {**_summary(result), "wall_time_s": round(time.perf_counter() - started, 2)}
+            try:
+                result = api.optimize(name, criteria, techniques=techniques)
+                entry[label] = {**_summary(result), "wall_time_s": round(time.perf_counter() - started, 2)}
+            except RoboptError as e:  # recorded, never hidden: the other models still run
+                entry[label] = {"error": f"{type(e).__name__}: {e.message}", "hint": e.hint}
         report["models"][name] = entry
     return report
 

@@ -15,6 +15,7 @@ from robopt.agents.deciders.request_rules import ParsedRequest, parse_request
 from robopt.domain.criteria import Criteria, criteria_from_strings
 from robopt.errors import RequestNotUnderstoodError
 from robopt.evaluation.base import EvaluatorSpec
+from robopt.evaluation.language_model import fill_model_dir
 from robopt.graph.context import Context
 from robopt.graph.state import State
 from robopt.tools.ingest import ingest_model
@@ -70,6 +71,9 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
         criteria_obj = Criteria.model_validate(criteria or {})
     if state.get("evaluator"):
         spec = EvaluatorSpec.model_validate(state["evaluator"])
+        # Language-model evaluators need the tokenizer: from the zoo card's folder, or the HF folder given.
+        card_dir = ((ingested.card or {}).get("evaluator") or {}).get("options", {}).get("model_dir")
+        spec = fill_model_dir(spec, card_dir or (ingested.source if ingested.source_format == "hf-folder" else None))
     elif ingested.card is not None:
         spec = EvaluatorSpec.model_validate(ingested.card["evaluator"])
     else:
