@@ -285,15 +285,37 @@ def techniques(as_json: JsonOpt = False) -> None:
 @zoo_app.command("list")
 @_handle_errors
 def zoo_list(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
-    """The zoo's entries."""
-    from robopt import zoo
+    """The zoo's entries: kind, family, the evaluator on their card, and what they are."""
+    from rich.table import Table
 
-    names = zoo.list_entries()
+    from robopt import zoo
+    from robopt.zoo.cards import get_entry
+
+    entries = [get_entry(name) for name in zoo.list_entries()]
     if as_json:
-        out.print_json(json.dumps(names))
-    else:
-        for name in names:
-            out.print(name)
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "kind": e.kind,
+                        "family": e.family,
+                        "evaluator": f"{e.evaluator.name}:{e.evaluator.dataset or ''}".rstrip(":"),
+                        "suggested_criteria": e.suggested_criteria,
+                        "description": e.description,
+                    }
+                    for e in entries
+                ]
+            )
+        )
+        return
+    table = Table(title="zoo (robopt zoo build NAME; robopt optimize NAME)")
+    for column in ("name", "kind", "evaluator", "description"):
+        table.add_column(column, no_wrap=column != "description")
+    for e in entries:
+        evaluator = f"{e.evaluator.name}:{e.evaluator.dataset or ''}".rstrip(":")
+        table.add_row(e.name, e.kind, evaluator, e.description)
+    out.print(table)
 
 
 @zoo_app.command("build")
