@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/optimize_zoo.py [--out bench/results/optimize_zoo.json] [--models digits-cnn ...]
 
-Each model is run twice in the same process and data directory, measured by the same pipeline (isolated
-benchmark process, the faster of 1 and all threads): robopt's own plan, and the plain recipe alone. A fresh
-temporary data directory keeps past sessions' history out of the plans. Robotics models are judged by
+Each model is run twice in the same process, measured by the same pipeline (isolated benchmark process, the
+faster of 1 and all threads): robopt's own plan, and the plain recipe alone. Each run gets a fresh data
+directory (sharing the zoo), so no run's attempt history steers another. Robotics models are judged by
 closed-loop success at real timing (success at ideal timing is recorded beside it). Shape-only models
 (openvla-7b-shape) have no weights: their entry holds the analysis and roofline predictions instead.
 Writes JSON; ratios are baseline / model.
@@ -91,6 +91,7 @@ def run(models: list[str]) -> dict[str, Any]:
     from robopt import api, zoo
     from robopt.domain.criteria import criteria_from_strings
     from robopt.errors import RoboptError
+    from robopt.graph.context import Context
     from robopt.settings import get_settings
 
     settings = get_settings()
@@ -116,11 +117,15 @@ def run(models: list[str]) -> dict[str, Any]:
             "criteria": criteria.model_dump(exclude_none=True),
             "evaluator": card.evaluator.model_dump(exclude={"options"}),
             "zoo_build_seconds": card.build_seconds,
+            "measured": time.strftime("%Y-%m-%d %H:%M"),
         }
         for label, techniques in (("robopt", None), ("plain_dynamic_int8", ["quantize_dynamic_int8"])):
             started = time.perf_counter()
+            # Each run in its own data dir (sharing the zoo): one run's attempt history must not steer the other.
+            run_dir = Path(tempfile.mkdtemp(prefix=f"robopt-bench-{label}-"))
+            (run_dir / "zoo").symlink_to(settings.zoo_dir, target_is_directory=True)
             try:
-                result = api.optimize(name, criteria, techniques=techniques)
+                result = api.optimize(name, criteria, techniques=techniques, context=Context(data_dir=str(run_dir)))
                 entry[label] = {**_summary(result), "wall_time_s": round(time.perf_counter() - started, 2)}
             except RoboptError as e:  # recorded, never hidden: the other models still run
                 entry[label] = {"error": f"{type(e).__name__}: {e.message}", "hint": e.hint}
@@ -132,10 +137,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "optimize_zoo.json")
     parser.add_argument("--models", nargs="*", default=None, help="zoo entries (default: all)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other models' entries already in --out (each model's "
+        "entry holds its own baseline from the same run, so entries stay comparable within themselves)",
+    )
     args = parser.parse_args()
     from robopt import zoo
 
     report = run(args.models or zoo.list_entries())
+    if args.update and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        report["models"] = {**previous.get("models", {}), **report["models"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
