@@ -10,8 +10,6 @@ construction (mean pooling under the mask is the plain mean), which also works f
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +21,7 @@ from robopt.errors import EvaluationError
 from robopt.evaluation.base import EvaluationSetup, Evaluator, EvaluatorSpec, register_evaluator
 from robopt.evaluation.classification import call_model, fixed_batch_size, parse_options, set_eval_mode
 from robopt.progress import Progress
+from robopt.tools.threads import torch_threads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -100,18 +99,6 @@ def _length_batches(token_ids: list[list[int]], batch_size: int) -> list[tuple[l
     return batches
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    # One thread by default: float sums, hence the metrics, do not depend on the core count, and a busy machine
-    # is not slowed down by oversubscribed worker threads (the sentence set is small: ~1 s per pass for MiniLM).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _pad_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
     """Fill a batch up to `rows` by repeating its last row (for models exported with a fixed batch size)."""
     return ids if ids.shape[0] == rows else torch.cat([ids, ids[-1:].expand(rows - ids.shape[0], -1)])
@@ -162,7 +149,7 @@ class EmbeddingFidelityEvaluator(Evaluator):
         fixed = fixed_batch_size(model)
         batches = self.batches if fixed is None else _length_batches(self.token_ids, fixed)
         pooled: list[torch.Tensor | None] = [None] * len(self.token_ids)
-        with torch.no_grad(), _torch_threads(self.options.threads):
+        with torch.no_grad(), torch_threads(self.options.threads):
             for indices, ids in progress.track(batches, stage):
                 inputs = _pad_rows(ids, fixed) if fixed is not None else ids
                 try:

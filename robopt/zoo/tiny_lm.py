@@ -6,9 +6,7 @@ a fixed set of modules is held out for the perplexity and lm-eval evaluators.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from robopt.domain.records import InputSpec, TensorSpec
 from robopt.evaluation.base import EvaluatorSpec
 from robopt.evaluation.text_corpus import CORPUS_NAME, TRAIN_MODULES, corpus_text, module_source
 from robopt.progress import Progress
+from robopt.tools.threads import torch_threads
 from robopt.zoo.cards import ZooEntry, register_entry
 
 VOCAB_SIZE = 2048
@@ -38,17 +37,6 @@ SEQUENCE_LENGTH = 128
 LEARNING_RATE = 4e-3
 WARMUP_STEPS = 20
 WEIGHT_DECAY = 0.1
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    # One thread makes float reductions, hence the trained weights, identical on machines with any core count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
@@ -119,7 +107,7 @@ def train_tiny_lm(seed: int, progress: Progress, tokenizer: Any, steps: int = TR
     Single-threaded with fixed seeds, so the same seed gives the same weights; one progress event per step.
     """
     tokens = training_tokens(tokenizer)
-    with torch.random.fork_rng(devices=[]), _single_thread():
+    with torch.random.fork_rng(devices=[]), torch_threads(1):
         model = untrained_tiny_lm(seed, tokenizer).train()
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
