@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from robopt.calibration.base import CalibrationSource
 from robopt.domain.analysis import AnalysisReport, TechniqueOutlook
 from robopt.domain.records import PlanStep
 from robopt.errors import TechniqueNotApplicableError, TechniqueNotFoundError
@@ -50,14 +51,17 @@ class Estimate:
 
 @dataclass
 class ApplyContext:
-    """What a technique may use besides the model: example inputs, the analysis, progress, a seed, and a
-    scratch directory (deleted after the result is stored) for techniques that write files."""
+    """What a technique may use besides the model: example inputs, the analysis, progress, a seed, a
+    scratch directory (deleted after the result is stored) for techniques that write files, and a calibration
+    source: `calibration(n)` gives n real inputs (robopt.calibration); None when the caller has none, and a
+    technique that needs calibration then raises TechniqueNotApplicableError saying so."""
 
     analysis: AnalysisReport
     example_inputs: tuple[Any, ...] | None = None
     progress: Progress = field(default_factory=Progress)
     seed: int = 0
     workdir: Path | None = None
+    calibration: CalibrationSource | None = None
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Built-in compression techniques: importing this package registers each of them in the technique registry."""
+"""Built-in compression techniques: importing this package imports every module in it, and each module
+registers its techniques with the technique registry (`@register_technique`). Modules whose name starts
+with an underscore are helpers and register nothing."""
 
-from robopt.tools.techniques import (  # noqa: F401  (imported for their @register_technique side effect)
-    onnx_dynamic_int8,
-    prune_structured,
-    prune_unstructured,
-    quantize_dynamic_int8,
-    weight_only,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
