@@ -82,12 +82,15 @@ def optimize(
     evaluator: EvaluatorSpec | str | dict[str, Any] | None = None,
     load_options: LoadOptions | dict[str, Any] | None = None,
     techniques: list[str] | None = None,
+    calibration: str | Path | None = None,
     session: str | None = None,
     context: Context | None = None,
     on_event: EventHandler | None = None,
 ) -> OptimizationResult:
     """Optimize a model (path, zoo name, or nn.Module) against criteria; returns the measured result.
 
+    `calibration`: a data file for techniques that calibrate on real inputs (.npz with one array per input name,
+    .pt tensors, or .txt/.jsonl text for token models); default: the evaluator's own training-side data.
     `result.artifact` is the best model's artifact path; `result.attempts` lists every step tried.
     """
     context = context or Context()
@@ -99,6 +102,8 @@ def optimize(
         "evaluator": spec.model_dump(mode="json") if spec else None,
         "load_options": options.model_dump(mode="json"),
         "techniques": techniques,
+        # A path relative to the caller's directory, resolved here: the graph may run elsewhere (service, resume).
+        "calibration": str(Path(calibration).expanduser().resolve()) if calibration is not None else None,
     }
     outcome = run_session(inputs, session=session or new_session_id(), context=context, on_event=on_event)
     return outcome.result()

@@ -33,6 +33,12 @@ class UnsupportedFormatError(RoboptError):
     code = "unsupported_format"
 
 
+class CalibrationDataError(UnsupportedFormatError):
+    """A calibration data file that is missing, unreadable, or does not match the model's inputs."""
+
+    code = "calibration_data"
+
+
 class CorruptModelError(RoboptError):
     code = "corrupt_model"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 from langgraph.runtime import Runtime
@@ -12,6 +13,7 @@ from robopt.agents.common import decider_event, node_env, session_id
 from robopt.agents.deciders.chat_model import resolve_chat_model
 from robopt.agents.deciders.llm_request import llm_parse_request
 from robopt.agents.deciders.request_rules import ParsedRequest, parse_request
+from robopt.calibration import check_calibration_path, validate_calibration_file
 from robopt.domain.criteria import Criteria, criteria_from_strings
 from robopt.errors import RequestNotUnderstoodError
 from robopt.evaluation.base import EvaluatorSpec
@@ -55,6 +57,9 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
             criteria = parsed.criteria().model_dump(mode="json")
     if not reference:
         raise RequestNotUnderstoodError("no model was given", "pass a model path or a zoo name (e.g. digits-cnn)")
+    calibration = state.get("calibration")
+    if calibration:  # a missing file fails now, before the model is ingested (zoo models may need building)
+        check_calibration_path(Path(calibration))
 
     ingested = ingest_model(
         reference,
@@ -83,6 +88,8 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
         f"model {ingested.source} ({ingested.source_format}); criteria: "
         f"{criteria_obj.describe()}; evaluator: {spec.name}",
     )
+    if calibration:  # checked against the model now, not minutes later when a technique first asks for it
+        env.progress.message("intake", validate_calibration_file(Path(calibration), spec, ingested.artifact.input_spec))
     return Command(
         goto="analyze",
         update={
@@ -98,5 +105,6 @@ def intake(state: State, runtime: Runtime[Context]) -> Command[Literal["analyze"
             "cursor": 0,
             "plan": None,
             "candidate": None,
+            "calibration": calibration or None,
         },
     )

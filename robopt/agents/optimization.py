@@ -12,7 +12,8 @@ import torch
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from robopt.agents.common import ModelView, history_key, json_safe, log_attempt, node_env
+from robopt.agents.common import ModelView, evaluator_spec, history_key, json_safe, log_attempt, node_env
+from robopt.calibration import calibration_source
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import Attempt
 from robopt.errors import CancelledError, TechniqueFailedError
@@ -39,6 +40,14 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
         inputs = (
             make_example_inputs(current.artifact.input_spec, env.context.seed) if current.artifact.input_spec else None
         )
+        calibration = calibration_source(
+            evaluator_spec(state),
+            current.artifact.input_spec,
+            env.settings.data_dir,
+            env.context.seed,
+            user_file=Path(state["calibration"]) if state.get("calibration") else None,
+            progress=env.progress,
+        )
         with tempfile.TemporaryDirectory(prefix="robopt-step-") as workdir:
             result = technique.apply(
                 model,
@@ -49,6 +58,7 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
                     progress=env.progress,
                     seed=env.context.seed,
                     workdir=Path(workdir),
+                    calibration=calibration,
                 ),
             )
             if inputs is not None:
@@ -80,12 +90,15 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
             model_fingerprint=history_key(state),
         )
         return Command(goto="rollback", update={"candidate": None, "attempts": [log_attempt(env, attempt)]})
+    details = dict(result.details)
+    if calibration.served:  # what the technique calibrated on, unless it recorded that itself
+        details.setdefault("calibration", [entry.as_dict() for entry in calibration.served])
     candidate = {
         "step": step.model_dump(mode="json"),
         "artifact": ref.model_dump(mode="json"),
         "backend": result.backend,
         "notes": result.notes,
-        "details": json_safe(result.details),
+        "details": json_safe(details),
         "duration_s": time.perf_counter() - started,
         "index": index,
     }

@@ -1,4 +1,12 @@
-"""What a calibration set is, as techniques see it."""
+"""What a calibration set is, as techniques see it.
+
+A technique that calibrates calls `context.calibration(n)` (robopt.tools.registry.ApplyContext) and gets a
+CalibrationSet; None there means the caller has no data, and the technique raises TechniqueNotApplicableError.
+Recording what was used: the optimize node adds every set a technique drew ({samples, source, fingerprint,
+cached}) to the step's `details["calibration"]`; a technique that wants to say more (e.g. which of two sets fed
+which stage) puts its own `details["calibration"]`, which is then kept as it is. Sets come from
+robopt.calibration.providers.calibration_source (by model type, or the user's --calibration FILE).
+"""
 
 from __future__ import annotations
 

@@ -153,6 +153,13 @@ def optimize(
         ),
     ] = None,
     technique: Annotated[list[str] | None, typer.Option(help="Only plan with these techniques (repeatable).")] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration data for techniques that need real inputs: .npz (one array per input name), .pt, "
+            "or .txt/.jsonl text for token models; default: the evaluator's training-side data."
+        ),
+    ] = None,
     architecture: Annotated[
         str | None, typer.Option(help="pkg.module:Class for state dicts / bare safetensors.")
     ] = None,
@@ -190,6 +197,7 @@ def optimize(
             evaluator=evaluator,
             load_options=options,
             techniques=technique or None,
+            calibration=calibration,
             session=session,
             context=context,
             on_event=on_event,

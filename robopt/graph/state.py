@@ -23,6 +23,9 @@ class InputState(TypedDict, total=False):
     """robopt.tools.loading.LoadOptions as JSON (architecture, trust_pickle, input_shape)."""
     techniques: list[str] | None
     """Restrict planning to these registered techniques."""
+    calibration: str | None
+    """Absolute path of the user's calibration data file (.npz, .pt, .txt, .jsonl) for techniques that need real
+    inputs; None: the evaluator's own training-side data (robopt.calibration.providers)."""
 
 
 class ModelState(TypedDict):
