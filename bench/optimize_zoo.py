@@ -15,51 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _common import fresh_run_dir, machine, measurement, success
+
 
 def _summary(result: Any) -> dict[str, Any]:
-    def model(m: Any) -> dict[str, Any]:
-        return {
-            "size_bytes": m.size_bytes,
-            "latency_ms_p50": m.latency_ms_p50,
-            "latency_ms_p95": m.latency_ms_p95,
-            "peak_memory_bytes": m.peak_memory_bytes,
-            "metrics": {k: v for k, v in m.metrics.items() if k != "samples"},
-        }
-
     base, best = result.baseline.measurement, result.best.measurement
     return {
         "primary_metric": base.primary_metric,
         "metric_baseline": base.primary_value,
         "metric_best": best.primary_value,
-        "success": _success(base, best),
-        "baseline": model(base),
-        "best": model(best),
+        "success": success(base, best),
+        "baseline": measurement(base),
+        "best": measurement(best),
         "size_ratio": base.size_bytes / best.size_bytes,
         "speedup_p50": (base.latency_ms_p50 / best.latency_ms_p50) if best.latency_ms_p50 else None,
         "chain": [a.step.technique for a in result.attempts if a.status == "accepted"],
         "candidates_tried": len(result.attempts),
         "criteria_met": result.criteria_met,
         "stop_reason": result.stop_reason,
-    }
-
-
-def _success(base: Any, best: Any) -> dict[str, Any] | None:
-    """Closed-loop success before/after at ideal and real timing, or None for models without a simulator."""
-    if "success_real" not in base.metrics:
-        return None
-    keys = ("success_ideal", "success_real", "inference_latency_ms", "ticks_per_inference")
-    return {
-        "episodes": base.metrics.get("episodes"),
-        "control_rate_hz": base.metrics.get("control_rate_hz"),
-        "baseline": {k: base.metrics.get(k) for k in keys},
-        "best": {k: best.metrics.get(k) for k in keys},
     }
 
 
@@ -86,8 +65,6 @@ def _shape_only(name: str) -> dict[str, Any]:
 def run(models: list[str]) -> dict[str, Any]:
     data_dir = tempfile.mkdtemp(prefix="robopt-bench-")
     os.environ["ROBOPT_DATA_DIR"] = data_dir
-    import torch
-
     from robopt import api, zoo
     from robopt.domain.criteria import criteria_from_strings
     from robopt.errors import RoboptError
@@ -96,13 +73,7 @@ def run(models: list[str]) -> dict[str, Any]:
 
     settings = get_settings()
     report: dict[str, Any] = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": settings.effective_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "models": {},
     }
@@ -121,9 +92,7 @@ def run(models: list[str]) -> dict[str, Any]:
         }
         for label, techniques in (("robopt", None), ("plain_dynamic_int8", ["quantize_dynamic_int8"])):
             started = time.perf_counter()
-            # Each run in its own data dir (sharing the zoo): one run's attempt history must not steer the other.
-            run_dir = Path(tempfile.mkdtemp(prefix=f"robopt-bench-{label}-"))
-            (run_dir / "zoo").symlink_to(settings.zoo_dir, target_is_directory=True)
+            run_dir = fresh_run_dir(settings.zoo_dir, label)
             try:
                 result = api.optimize(name, criteria, techniques=techniques, context=Context(data_dir=str(run_dir)))
                 entry[label] = {**_summary(result), "wall_time_s": round(time.perf_counter() - started, 2)}
