@@ -50,5 +50,6 @@ def success(base: Any, best: Any) -> dict[str, Any] | None:
 def fresh_run_dir(zoo_dir: Path, label: str) -> Path:
     """A new data dir sharing the zoo: one run's attempt history must not steer another run."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"robopt-bench-{label}-"))
+    zoo_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "zoo").symlink_to(zoo_dir, target_is_directory=True)
     return run_dir

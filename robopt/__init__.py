@@ -5,6 +5,7 @@ Public API (imported lazily so that `robopt --help` starts fast):
     Criteria, EvaluatorSpec, LoadOptions, Context         -- what to ask for and how to run
     OptimizationResult, AnalysisReport                    -- what comes back
     load_model, build_graph                               -- the intake tool and the LangGraph graph
+    export_model                                          -- write a model that loads without robopt, verified
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _EXPORTS = {
     "load_model": "robopt.tools.loading",
     "Context": "robopt.graph.context",
     "build_graph": "robopt.graph.build",
+    "export_model": "robopt.export",
 }
 
 __all__ = [  # noqa: RUF022 (grouped like _EXPORTS)
@@ -46,6 +48,7 @@ __all__ = [  # noqa: RUF022 (grouped like _EXPORTS)
     "load_model",
     "Context",
     "build_graph",
+    "export_model",
 ]
 
 

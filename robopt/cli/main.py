@@ -1,4 +1,5 @@
-"""The `robopt` command line: optimize, chat, analyze, techniques, zoo, demo, sessions, history, resume, rollback."""
+"""The `robopt` command line: optimize, chat, analyze, techniques, zoo, demo, sessions, history, resume, rollback,
+export."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from robopt.cli.export_cmd import export as export_command
 from robopt.errors import RoboptError
 
 app = typer.Typer(
@@ -493,6 +495,9 @@ def rollback(
 
     result = api.rollback(session, to, context=_context(None, data_dir))
     _print_outcome(result, as_json)
+
+
+app.command("export")(_handle_errors(export_command))
 
 
 def main() -> None:  # pragma: no cover - console entry point
