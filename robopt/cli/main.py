@@ -1,5 +1,5 @@
 """The `robopt` command line: optimize, chat, analyze, techniques, zoo, demo, sessions, history, resume, rollback,
-export."""
+export, backends."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from robopt.cli.backends_cmd import backends_app
 from robopt.cli.export_cmd import export as export_command
 from robopt.errors import RoboptError
 
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 zoo_app = typer.Typer(help="Benchmark models built offline (the demo model is digits-cnn).", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(backends_app, name="backends")
 
 out = Console()
 err = Console(stderr=True)
@@ -38,7 +40,7 @@ LlmOpt = Annotated[
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Data directory (default: ROBOPT_DATA_DIR).")]
 
 
-_NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "torch_pruning")
+_NOISY_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree", "torch_pruning", "autoround")
 
 
 @app.callback()
