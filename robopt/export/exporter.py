@@ -211,9 +211,8 @@ def export_artifact(
         written = WRITERS[chosen](job, folder)
         if why:
             written.notes.insert(0, why)
-        # The reference is a second fresh load, run only now: the writer saved a model that never ran, because
-        # some layers repack their weights on their first forward (bitsandbytes 4-bit on CPU), and
-        # save_pretrained would then write a layout from_pretrained misreads.
+        # The reference is a second fresh load, run only now, so the writer's model and the reference do not
+        # share state: some layers repack their weights on their first forward (bitsandbytes 4-bit on CPU).
         expected = _reference_outputs(store.load(ref, verify=False).eval(), verify_inputs)
         save_verification_data(folder, verify_inputs, expected)
         manifest = _manifest(job, chosen, written, tolerance, seed + 1)

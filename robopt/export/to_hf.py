@@ -83,6 +83,11 @@ def _refuse_unsupported(job: ExportJob) -> None:
 def write_hf(job: ExportJob, folder: Path) -> Written:
     """model.save_pretrained(folder) plus the tokenizer; the snippet reloads it with an Auto class."""
     _refuse_unsupported(job)
+    from robopt.tools.techniques._hf_quant import restore_bnb_cpu_layout
+
+    # bitsandbytes 0.50 repacks 4-bit weights on CPU at the first forward and unpacks them wrongly at save:
+    # put the saved layout back (a no-op for other models).
+    restore_bnb_cpu_layout(job.model)
     try:
         job.model.save_pretrained(folder)
     except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
