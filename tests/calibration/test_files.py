@@ -11,7 +11,7 @@ import torch
 
 from robopt.calibration import calibration_source, validate_calibration_file
 from robopt.domain.records import InputSpec, TensorSpec
-from robopt.errors import UnsafePickleError, UnsupportedFormatError
+from robopt.errors import CalibrationDataError, UnsafePickleError
 from robopt.evaluation.base import EvaluatorSpec
 from robopt.evaluation.text_corpus import module_source
 from tests.calibration.conftest import assert_fits
@@ -69,10 +69,10 @@ def test_a_labelled_dataset_file_works_for_a_single_input_model(tmp_path) -> Non
 def test_npz_that_does_not_fit_the_model_is_refused_with_a_hint(tmp_path, arrays, message) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(UnsupportedFormatError) as refused:
+    with pytest.raises(CalibrationDataError) as refused:
         _from_file(path)
     assert message in refused.value.message and refused.value.hint
-    with pytest.raises(UnsupportedFormatError):  # intake runs the same checks before the run starts
+    with pytest.raises(CalibrationDataError):  # intake runs the same checks before the run starts
         validate_calibration_file(path, DIGITS_EVALUATOR, DIGITS)
 
 
@@ -86,15 +86,15 @@ def test_multi_input_npz_by_name_and_id_bounds(tmp_path) -> None:
     assert {s[1][0].numpy().tobytes() for s in calibration.samples} == {row.tobytes() for row in ids}
     missing = tmp_path / "images-only.npz"
     np.savez(missing, image=images)
-    with pytest.raises(UnsupportedFormatError, match="missing: instruction"):
+    with pytest.raises(CalibrationDataError, match="missing: instruction"):
         _from_file(missing, spec=VLA, evaluator=None)
     out_of_vocabulary = tmp_path / "big-ids.npz"
     np.savez(out_of_vocabulary, image=images, instruction=ids + 13)
-    with pytest.raises(UnsupportedFormatError, match=r"the model takes ids in \[0, 13\)"):
+    with pytest.raises(CalibrationDataError, match=r"the model takes ids in \[0, 13\)"):
         _from_file(out_of_vocabulary, spec=VLA, evaluator=None)
     uneven = tmp_path / "uneven.npz"
     np.savez(uneven, image=images, instruction=ids[:3])
-    with pytest.raises(UnsupportedFormatError, match="same number"):
+    with pytest.raises(CalibrationDataError, match="same number"):
         _from_file(uneven, spec=VLA, evaluator=None)
 
 
@@ -118,7 +118,7 @@ def test_pt_files_tensor_dict_and_list_of_samples(tmp_path) -> None:
     torch.save(vla, tmp_path / "vla.pt")
     assert_fits(_from_file(tmp_path / "vla.pt", spec=VLA, evaluator=None, n=3), VLA, 3)
     torch.save([(torch.rand(1, 3, 16, 16),)], tmp_path / "short.pt")
-    with pytest.raises(UnsupportedFormatError, match="a sample has 1 tensor"):
+    with pytest.raises(CalibrationDataError, match="a sample has 1 tensor"):
         _from_file(tmp_path / "short.pt", spec=VLA, evaluator=None)
 
 
@@ -140,7 +140,7 @@ def test_missing_and_unknown_files(tmp_path, name, content, message) -> None:
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
-    with pytest.raises(UnsupportedFormatError, match=message):
+    with pytest.raises(CalibrationDataError, match=message):
         _from_file(path)
 
 
@@ -171,13 +171,13 @@ def test_text_needs_a_token_model_and_its_tokenizer(tiny_lm, tmp_path) -> None:
     _, card = tiny_lm
     path = tmp_path / "notes.txt"
     path.write_text("some text " * 100)
-    with pytest.raises(UnsupportedFormatError, match="does not take one token-id input") as refused:
+    with pytest.raises(CalibrationDataError, match="does not take one token-id input") as refused:
         _from_file(path)  # digits-cnn takes images
     assert "npz" in refused.value.hint
-    with pytest.raises(UnsupportedFormatError, match="no tokenizer is known") as refused:
+    with pytest.raises(CalibrationDataError, match="no tokenizer is known") as refused:
         _from_file(path, spec=card.input_spec, evaluator=EvaluatorSpec(name="perplexity"))
     assert "model_dir" in refused.value.hint
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"title": 3}\n')
-    with pytest.raises(UnsupportedFormatError, match="line 2: no text found"):
+    with pytest.raises(CalibrationDataError, match="line 2: no text found"):
         _from_file(bad, spec=card.input_spec, evaluator=card.evaluator)

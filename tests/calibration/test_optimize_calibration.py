@@ -18,7 +18,7 @@ from torch import nn
 from robopt import api
 from robopt.calibration import CalibrationSet
 from robopt.domain.analysis import AnalysisReport
-from robopt.errors import TechniqueNotApplicableError, UnsupportedFormatError
+from robopt.errors import CalibrationDataError, TechniqueNotApplicableError
 from robopt.graph.build import build_graph
 from robopt.graph.context import Context
 from robopt.memory.checkpointer import open_persistence
@@ -118,10 +118,10 @@ def test_a_user_file_travels_through_the_state_to_the_technique(fresh_data_dir, 
 
 def test_a_bad_calibration_file_stops_the_run_at_intake(fresh_data_dir, tmp_path) -> None:
     SEEN.clear()
-    with pytest.raises(UnsupportedFormatError, match="does not exist"):
+    with pytest.raises(CalibrationDataError, match="does not exist"):
         api.optimize("digits-cnn", techniques=["test_calibration_probe"], calibration=tmp_path / "no.npz", context=FAST)
     np.savez(tmp_path / "wrong.npz", input=np.zeros((3, 1, 28, 28), dtype=np.float32))
-    with pytest.raises(UnsupportedFormatError, match=r"per-sample shape \[1, 28, 28\], the model takes \[1, 8, 8\]"):
+    with pytest.raises(CalibrationDataError, match=r"per-sample shape \[1, 28, 28\], the model takes \[1, 8, 8\]"):
         api.optimize(
             "digits-cnn", techniques=["test_calibration_probe"], calibration=tmp_path / "wrong.npz", context=FAST
         )
@@ -148,4 +148,4 @@ def test_cli_calibration_option_refuses_a_missing_file(fresh_data_dir, tmp_path)
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     error = json.loads(done.stdout)
-    assert error["error"] == "unsupported_format" and "does not exist" in error["message"] and error["hint"]
+    assert error["error"] == "calibration_data" and "does not exist" in error["message"] and error["hint"]
