@@ -13,7 +13,6 @@ Every sample is checked against the model's InputSpec (names, per-sample shapes,
 from __future__ import annotations
 
 import json
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import torch
 
 from robopt.calibration.samples import FILE_HINT, Sample, conform_sample, count_phrase, describe_spec, seeded_order
 from robopt.domain.records import InputSpec
-from robopt.errors import CalibrationDataError, UnsafePickleError
+from robopt.errors import CalibrationDataError
 from robopt.progress import Progress
+from robopt.tools.tensor_files import load_weights_only
 
 TENSOR_SUFFIXES = (".npz", ".pt", ".pth")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -103,17 +103,13 @@ def _sample_of(item: Any, spec: InputSpec | None, where: str) -> Sample:
 
 
 def _load_pt(path: Path, spec: InputSpec | None, where: str) -> list[Sample]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e):  # garbage bytes also fail the weights-only unpickler, without naming a global
-            raise CalibrationDataError(f"{where} is not a readable torch file", FILE_HINT) from e
-        raise UnsafePickleError(
-            f"{where} holds objects other than tensors, which are not loaded for safety",
-            "save plain tensors: torch.save(tensor), torch.save({'input_name': tensor}) or a list of tensor tuples",
-        ) from e
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CalibrationDataError(f"{where} is not a readable torch file: {e}", FILE_HINT) from e
+    data = load_weights_only(
+        path,
+        where,
+        CalibrationDataError,
+        FILE_HINT,
+        "save plain tensors: torch.save(tensor), torch.save({'input_name': tensor}) or a list of tensor tuples",
+    )
     if isinstance(data, torch.Tensor):
         return _named_samples({spec.inputs[0].name if spec else "x": data}, spec, where) if data.ndim else []
     if isinstance(data, dict):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-import pickle
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from robopt.errors import EvaluationError, UnsafePickleError
+from robopt.errors import EvaluationError
+from robopt.tools.tensor_files import load_weights_only
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
@@ -93,17 +93,13 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e):  # garbage bytes also fail the weights-only unpickler, without naming a global
-            raise EvaluationError(f"dataset file {str(path)!r} is not a readable torch file", _DATA_HINT) from e
-        raise UnsafePickleError(
-            f"dataset file {str(path)!r} holds objects other than tensors, which are not loaded for safety",
-            "save the data as a dict of tensors: torch.save({'x': x, 'y': y}, path), or as a .npz file",
-        ) from e
-    except (RuntimeError, OSError, EOFError) as e:
-        raise EvaluationError(f"dataset file {str(path)!r} is not a readable torch file: {e}", _DATA_HINT) from e
+    data = load_weights_only(
+        path,
+        f"dataset file {str(path)!r}",
+        EvaluationError,
+        _DATA_HINT,
+        "save the data as a dict of tensors: torch.save({'x': x, 'y': y}, path), or as a .npz file",
+    )
     if not isinstance(data, dict):
         raise EvaluationError(f"dataset file {str(path)!r} holds a {type(data).__name__}, not a dict", _DATA_HINT)
     missing = [k for k in ("x", "y") if k not in data]
