@@ -177,17 +177,25 @@ def analyze(
     load_options: LoadOptions | dict[str, Any] | None = None,
     context: Context | None = None,
     progress: Progress | None = None,
+    calibration: str | Path | None = None,
 ) -> AnalysisReport:
     """Profile a model without optimizing it: size, parameters, FLOPs, census, family, latency, memory,
-    and the techniques that apply with their expected gains."""
+    per-layer quantization sensitivity (on `calibration`, a file like optimize's, else the data the model's
+    evaluator implies) and the techniques that apply with their expected gains."""
+    from robopt.evaluation.base import EvaluatorSpec
     from robopt.evaluation.profile_artifact import profile_artifact
     from robopt.tools.registry import list_techniques
+    from robopt.tools.sensitivity_report import artifact_sensitivity
 
     context = context or Context()
     settings = context.settings()
     options = _load_options(load_options)
     store = ArtifactStore(settings.artifacts_dir)
     progress = progress or Progress(node="analyze")
+    if calibration:  # a missing or unreadable file fails now, not after the model is profiled
+        from robopt.calibration import check_calibration_path
+
+        check_calibration_path(Path(calibration).expanduser())
     ingested = ingest_model(
         _model_reference(model, options, context),
         store=store,
@@ -208,5 +216,20 @@ def analyze(
     )
     report = profile.analysis
     report.source_format = ingested.source_format
+    evaluator = EvaluatorSpec.model_validate(ingested.card["evaluator"]) if ingested.card else None
+    sensitivity = artifact_sensitivity(
+        store,
+        ingested.artifact,
+        evaluator=evaluator,
+        data_dir=settings.data_dir,
+        seed=context.seed,
+        budget_s=settings.sensitivity_budget_s,
+        progress=progress,
+        user_file=Path(calibration).expanduser() if calibration else None,
+    )
+    if isinstance(sensitivity, str):
+        report.unmeasured["layer_sensitivity"] = sensitivity
+    else:
+        report.layer_sensitivity = sensitivity
     report.techniques = [t.outlook(profile.analysis) for t in list_techniques()]
     return report

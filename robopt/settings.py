@@ -29,6 +29,12 @@ class Settings(BaseSettings):
         "or a postgresql:// URL (needs the 'postgres' extra).",
     )
     threads: int = Field(default=0, ge=0, description="CPU threads for latency measurement; 0 = all cores.")
+    sensitivity_budget_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds the analysis may spend measuring per-layer quantization sensitivity (fewer calibration "
+        "samples when needed, skipped below 4); 0 turns it off.",
+    )
     plugins: str = Field(
         default="",
         description="Comma-separated modules imported at start-up to register extra techniques or evaluators.",

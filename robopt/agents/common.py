@@ -9,10 +9,11 @@ from typing import Any
 from langgraph.config import get_config
 from langgraph.runtime import Runtime
 
+from robopt.calibration.providers import CalibrationProvider
 from robopt.domain.analysis import AnalysisReport
 from robopt.domain.criteria import Criteria
 from robopt.domain.plan import DeciderEvent
-from robopt.domain.records import ArtifactRef, Attempt, Measurement
+from robopt.domain.records import ArtifactRef, Attempt, InputSpec, Measurement
 from robopt.evaluation.base import (
     EvaluationSetup,
     Evaluator,
@@ -92,7 +93,14 @@ def criteria_of(state: State) -> Criteria:
 
 
 def attempts_of(state: State) -> list[Attempt]:
-    return [Attempt.model_validate(a) for a in state.get("attempts") or []]
+    """The session's attempts; provisional steps undone with their failed chain read as rejected."""
+    undone = set(state.get("rolled_back") or [])
+    attempts = [Attempt.model_validate(a) for a in state.get("attempts") or []]
+    for a in attempts:
+        if a.index in undone and a.status == "accepted":
+            a.status = "rejected"
+            a.reason = f"rolled back with its chain: {a.reason}"
+    return attempts
 
 
 def evaluator_spec(state: State) -> EvaluatorSpec:
@@ -130,6 +138,27 @@ def profile(state: State, env: NodeEnv, ref: ArtifactRef) -> ArtifactProfile:
         isolated=env.context.isolated_measurement,
         source=ingested["source"],
         hf_config=ingested.get("hf_config"),
+    )
+
+
+def closed_loop_task(spec: EvaluatorSpec) -> str | None:
+    """The simulator task a closed-loop evaluator runs (its dataset), else None."""
+    return (spec.dataset or None) if spec.name == "closed-loop" else None
+
+
+def run_calibration(state: State, env: NodeEnv, input_spec: InputSpec | None) -> CalibrationProvider:
+    """The run's calibration source: the user's --calibration file, else data chosen by evaluator and model type."""
+    from pathlib import Path
+
+    from robopt.calibration import calibration_source
+
+    return calibration_source(
+        evaluator_spec(state),
+        input_spec,
+        env.settings.data_dir,
+        env.context.seed,
+        user_file=Path(state["calibration"]) if state.get("calibration") else None,
+        progress=env.progress,
     )
 
 

@@ -24,6 +24,11 @@ from robopt.graph.context import Context
 from robopt.graph.state import State
 
 
+def _has_next_step(state: State) -> bool:
+    plan = OptimizationPlan.model_validate(state["plan"]) if state.get("plan") else None
+    return plan is not None and state.get("cursor", 0) + 1 < len(plan.steps)
+
+
 def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimize", "plan", "rollback", "report"]]:
     env = node_env("evaluate", runtime)
     candidate = state["candidate"]
@@ -52,17 +57,27 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
         attempt.reason = f"evaluation failed: {e.message}"
         return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
 
-    verdict = judge_candidate(measured.measurement, current.measurement, baseline.measurement, criteria_of(state))
+    anchor = ModelView.of(state["chain_anchor"]) if state.get("chain_anchor") else None
+    verdict = judge_candidate(
+        measured.measurement,
+        (anchor or current).measurement,  # a chain's closing step counts the chain's gain
+        baseline.measurement,
+        criteria_of(state),
+        provisional=step.judged_with_next and _has_next_step(state),
+    )
     attempt.measurement = measured.measurement
     attempt.reason = verdict.reason
     if not verdict.accepted:
         return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
 
     attempt.status = "accepted"
+    provisional = verdict.reason.startswith("provisionally")
     update = {
         "attempts": [log_attempt(env, attempt)],
         "current": model_state(ref, measured.measurement, measured.analysis),
         "candidate": None,
+        # while a chain is open, rollback returns to the model before it; a step judged in full closes the chain
+        "chain_anchor": (state.get("chain_anchor") or state["current"]) if provisional else None,
     }
     if verdict.criteria_met:
         return Command(goto="report", update={**update, "stop_reason": "all criteria met"})

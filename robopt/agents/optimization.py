@@ -12,10 +12,18 @@ import torch
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
-from robopt.agents.common import ModelView, evaluator_spec, history_key, json_safe, log_attempt, node_env
-from robopt.calibration import calibration_source
+from robopt.agents.common import (
+    ModelView,
+    closed_loop_task,
+    evaluator_spec,
+    history_key,
+    json_safe,
+    log_attempt,
+    node_env,
+    run_calibration,
+)
 from robopt.domain.plan import OptimizationPlan
-from robopt.domain.records import Attempt
+from robopt.domain.records import ArtifactRef, Attempt
 from robopt.errors import CancelledError, TechniqueFailedError
 from robopt.graph.context import Context
 from robopt.graph.state import State
@@ -40,14 +48,8 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
         inputs = (
             make_example_inputs(current.artifact.input_spec, env.context.seed) if current.artifact.input_spec else None
         )
-        calibration = calibration_source(
-            evaluator_spec(state),
-            current.artifact.input_spec,
-            env.settings.data_dir,
-            env.context.seed,
-            user_file=Path(state["calibration"]) if state.get("calibration") else None,
-            progress=env.progress,
-        )
+        calibration = run_calibration(state, env, current.artifact.input_spec)
+        baseline_ref = ArtifactRef.model_validate(state["ingested"]["artifact"])
         with tempfile.TemporaryDirectory(prefix="robopt-step-") as workdir:
             result = technique.apply(
                 model,
@@ -59,6 +61,8 @@ def optimize(state: State, runtime: Runtime[Context]) -> Command[Literal["evalua
                     seed=env.context.seed,
                     workdir=Path(workdir),
                     calibration=calibration,
+                    teacher=lambda: env.store.load(baseline_ref),
+                    task=closed_loop_task(evaluator_spec(state)),
                 ),
             )
             if inputs is not None:

@@ -16,7 +16,7 @@ from robopt.domain.plan import OptimizationPlan
 from robopt.graph.context import Context
 from robopt.graph.state import State
 from robopt.memory.history import past_attempts
-from robopt.tools.registry import plannable
+from robopt.tools.registry import list_techniques, plannable
 
 
 def stop_reason(state: State, context: Context) -> str | None:
@@ -30,6 +30,18 @@ def stop_reason(state: State, context: Context) -> str | None:
     if state.get("replans", 0) > context.max_replans:
         return f"replan limit reached ({context.max_replans})"
     return None
+
+
+def mark_chains(plan: OptimizationPlan) -> OptimizationPlan:
+    """A step followed by a recovery step is judged together with it (provisional), whoever planned it."""
+    families = {t.name: t.family for t in list_techniques()}
+    steps = [
+        step.model_copy(update={"judged_with_next": True})
+        if i + 1 < len(plan.steps) and families.get(plan.steps[i + 1].technique) == "recovery"
+        else step
+        for i, step in enumerate(plan.steps)
+    ]
+    return plan.model_copy(update={"steps": steps})
 
 
 def plan(state: State, runtime: Runtime[Context]) -> Command[Literal["optimize", "report"]]:
@@ -75,6 +87,7 @@ def plan(state: State, runtime: Runtime[Context]) -> Command[Literal["optimize",
             allowed=allowed,
         )
         events.append(decider_event("plan", "rules", True, result.summary))
+    result = mark_chains(result)
     env.progress.emit({"type": "plan", "node": "plan", "plan": result.model_dump(mode="json")})
     update = {
         "plan": result.model_dump(mode="json"),

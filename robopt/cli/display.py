@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from robopt.domain.analysis import AnalysisReport
+from robopt.domain.analysis import AnalysisReport, SensitivityReport
 from robopt.domain.criteria import format_bytes
 from robopt.domain.plan import OptimizationResult
 from robopt.domain.records import Measurement
@@ -172,6 +172,32 @@ def result_table(result: OptimizationResult) -> Table:
     return table
 
 
+def chain_table(result: OptimizationResult) -> Table:
+    """The chain from the baseline to the best model with what was measured after each step."""
+    base = result.baseline.measurement
+    metric = base.primary_metric
+    table = Table(title="chain: " + " → ".join(a.step.technique for a in result.chain()))
+    for col in ("step", "technique", "size", "x smaller", "latency p50", metric or "metric"):
+        table.add_column(col, justify="right" if col not in ("technique",) else "left")
+
+    def row(label: str, name: str, m: Measurement) -> None:
+        value = m.metrics.get(metric) if metric else None
+        table.add_row(
+            label,
+            name,
+            format_bytes(m.size_bytes),
+            f"{base.size_bytes / max(m.size_bytes, 1):.2f}",
+            f"{m.latency_ms_p50:.3f} ms" if m.latency_ms_p50 is not None else "-",
+            f"{value:.4f}" if isinstance(value, float) else "-",
+        )
+
+    row("-", "baseline", base)
+    for a in result.chain():
+        if a.measurement is not None:
+            row(str(a.index), a.step.technique, a.measurement)
+    return table
+
+
 def print_result(console: Console, result: OptimizationResult) -> None:
     console.print(result_table(result))
     for line in closed_loop_lines(result.baseline.measurement, result.best.measurement):
@@ -181,11 +207,14 @@ def print_result(console: Console, result: OptimizationResult) -> None:
         value = "-" if check.value is None else f"{check.value:g}"
         detail = f" — {check.detail}" if check.detail else ""
         console.print(f"  {mark} {check.name}: {value} (limit {check.limit:g}){detail}", soft_wrap=True)
-    steps = [a for a in result.attempts if a.status == "accepted"]
-    chain = " → ".join(a.step.technique for a in steps) or "(no step accepted)"
-    console.print(f"chain: {chain}")
+    steps = result.chain()
+    if steps:
+        console.print(chain_table(result))
+    else:
+        console.print("chain: (no step accepted)")
+    accepted = sum(a.status == "accepted" for a in result.attempts)
     console.print(
-        f"attempts: {len(result.attempts)} ({len(steps)} accepted); stopped: {result.stop_reason}", soft_wrap=True
+        f"attempts: {len(result.attempts)} ({accepted} accepted); stopped: {result.stop_reason}", soft_wrap=True
     )
     verdict = "[green]criteria met[/green]" if result.criteria_met else "[red]criteria NOT met[/red]"
     console.print(f"{verdict}; best model: {result.artifact}", soft_wrap=True)
@@ -218,6 +247,27 @@ def analysis_table(report: AnalysisReport) -> Table:
         table.add_row(k, v)
     for k, v in report.unmeasured.items():
         table.add_row(f"[dim]{k} not measured[/dim]", f"[dim]{v}[/dim]")
+    return table
+
+
+def sensitivity_table(report: SensitivityReport, top: int = 12) -> Table:
+    """The most sensitive layers first: output SQNR (dB) with that layer alone quantized, per bit width."""
+
+    def db(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    bits = report.bits
+    table = Table(
+        title="per-layer sensitivity: output SQNR (dB) with that layer alone quantized",
+        caption=f"HQQ g{report.group_size}, {report.samples} calibration samples ({report.seconds:.1f} s): "
+        f"{report.calibration_source}. Predicted with every layer at b bits: "
+        + ", ".join(f"{b}-bit {db(report.uniform_sqnr_db.get(b))} dB" for b in bits)
+        + (f"; {len(report.layers) - top} less sensitive layers not shown" if len(report.layers) > top else ""),
+    )
+    for col in ("layer", "role", "params", *(f"{b}-bit" for b in bits)):
+        table.add_column(col)
+    for layer in report.layers[:top]:
+        table.add_row(layer.name, layer.role, f"{layer.params:,}", *(db(layer.sqnr_db.get(b)) for b in bits))
     return table
 
 

@@ -242,12 +242,20 @@ def analyze(
     trust_pickle: Annotated[bool, typer.Option(help="Allow loading pickled modules (can execute code!).")] = False,
     input_shape: Annotated[str | None, typer.Option(help="Input shape with batch, e.g. 1,3,224,224.")] = None,
     threads: Annotated[int, typer.Option(help="Threads for latency measurement (0 = all cores).")] = 0,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration data for the per-layer sensitivity (.npz, .pt, .txt/.jsonl); default: the zoo card "
+            "evaluator's training-side data, else random inputs (said in the report)."
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Profile MODEL: parameters, size, FLOPs, layers, family, shapes, latency, memory, applicable techniques."""
+    """Profile MODEL: parameters, size, FLOPs, layers, family, shapes, latency, memory, per-layer quantization
+    sensitivity, applicable techniques."""
     from robopt import api
-    from robopt.cli.display import analysis_table, techniques_table
+    from robopt.cli.display import analysis_table, sensitivity_table, techniques_table
     from robopt.progress import Progress
 
     options = _load_options(architecture, architecture_kwargs, trust_pickle, input_shape)
@@ -260,14 +268,20 @@ def analyze(
         out.print_json(json.dumps(shape)) if as_json else print_shape_report(out, shape)
         return
     if as_json:
-        report = api.analyze(model, load_options=options, context=context)
+        report = api.analyze(model, load_options=options, context=context, calibration=calibration)
         out.print_json(report.model_dump_json())
         return
     with err.status("analysing..."):
         report = api.analyze(
-            model, load_options=options, context=context, progress=Progress(emit=lambda e: None, node="analyze")
+            model,
+            load_options=options,
+            context=context,
+            progress=Progress(emit=lambda e: None, node="analyze"),
+            calibration=calibration,
         )
     out.print(analysis_table(report))
+    if report.layer_sensitivity is not None:
+        out.print(sensitivity_table(report.layer_sensitivity))
     out.print(techniques_table(report))
 
 

@@ -28,6 +28,45 @@ class TechniqueOutlook(BaseModel):
     note: str = ""
 
 
+class LayerSensitivityRecord(BaseModel):
+    """One layer's measured output sensitivity (robopt.tools.sensitivity): the model's output error when this layer
+    alone is quantized, per bit width."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    layer_type: str
+    role: str = Field(description="vision_tower, projector, backbone, action_head or other.")
+    params: int
+    relative_error: dict[int, float | None] = Field(
+        description="Output noise power / signal power per bit width (None: not finite)."
+    )
+    sqnr_db: dict[int, float | None] = Field(description="The same as output SQNR in dB (higher is better).")
+    stored_bytes: dict[int, int] = Field(default_factory=dict, description="Packed bytes per bit width.")
+
+
+class SensitivityReport(BaseModel):
+    """Per-layer quantization sensitivity of the model, measured on calibration data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="The measured proxy and quantizer.")
+    calibration_source: str
+    calibration_fingerprint: str = ""
+    samples: int
+    group_size: int
+    bits: list[int]
+    seconds: float
+    layers: list[LayerSensitivityRecord] = Field(description="Most sensitive first.")
+    uniform_sqnr_db: dict[int, float | None] = Field(
+        default_factory=dict,
+        description="Predicted output SQNR with every measured layer at b bits (per-layer noise powers summed).",
+    )
+    spread_db: dict[int, float] = Field(
+        default_factory=dict, description="Per-layer SQNR range (best - worst layer) at b bits, in dB."
+    )
+
+
 class AnalysisReport(BaseModel):
     """Static and measured profile of one model."""
 
@@ -52,6 +91,9 @@ class AnalysisReport(BaseModel):
     latency_ms_p95: float | None = None
     peak_memory_bytes: int | None = None
     techniques: list[TechniqueOutlook] = Field(default_factory=list)
+    layer_sensitivity: SensitivityReport | None = Field(
+        default=None, description="Per-layer quantization sensitivity (analysis node, when calibration data exists)."
+    )
     unmeasured: dict[str, str] = Field(default_factory=dict)
 
     def fingerprint(self) -> str:

@@ -78,6 +78,17 @@ class OptimizationResult(BaseModel):
         """Path of the best model's artifact."""
         return self.best.artifact.path
 
+    def chain(self) -> list[Attempt]:
+        """The accepted steps that lead from the baseline to the best model, in order (each one's measurement is
+        the model after it); steps undone with a failed chain are not in it."""
+        steps: list[Attempt] = []
+        model = self.baseline.artifact.sha256
+        for a in self.attempts:
+            if a.status == "accepted" and a.input_artifact == model and a.artifact is not None:
+                steps.append(a)
+                model = a.artifact.sha256
+        return steps if model == self.best.artifact.sha256 else []
+
     def summary_json(self) -> dict:
         """The compact JSON the CLI prints with --json."""
 
@@ -102,6 +113,16 @@ class OptimizationResult(BaseModel):
             "checks": [c.model_dump() for c in self.checks],
             "artifact": self.artifact,
             "stop_reason": self.stop_reason,
+            "chain": [
+                {
+                    "index": a.index,
+                    "technique": a.step.technique,
+                    "size_bytes": a.measurement.size_bytes if a.measurement else None,
+                    "latency_ms_p50": a.measurement.latency_ms_p50 if a.measurement else None,
+                    "metrics": a.measurement.metrics if a.measurement else {},
+                }
+                for a in self.chain()
+            ],
             "attempts": [
                 {
                     "index": a.index,

@@ -81,6 +81,11 @@ class PlanStep(BaseModel):
     rationale: str = ""
     expected_size_ratio: float | None = Field(default=None, description="Expected size after / before.")
     expected_speedup: float | None = Field(default=None, description="Expected latency before / after.")
+    judged_with_next: bool = Field(
+        default=False,
+        description="Provisional: the metric is judged after the NEXT step of the plan (e.g. pruning before its "
+        "recovery fine-tuning); if that step fails, both are rolled back.",
+    )
 
     def key(self) -> str:
         import json

@@ -90,22 +90,38 @@ class Verdict:
     criteria_met: bool
 
 
-def judge_candidate(candidate: Measurement, current: Measurement, baseline: Measurement, criteria: Criteria) -> Verdict:
+def judge_candidate(
+    candidate: Measurement,
+    current: Measurement,
+    baseline: Measurement,
+    criteria: Criteria,
+    *,
+    provisional: bool = False,
+) -> Verdict:
     """Accept a step only if the model still works, keeps the metric within budget, and gains something.
 
     Rules, in order: non-finite outputs reject; a missing or over-budget metric drop rejects; under a
     latency (size) limit, getting slower by 10% (larger by 2%) rejects; no size gain of 2% and no
     speed-up of 10% rejects.
     A step that is smaller but slower is accepted only without a latency limit, and flagged as slower.
+    A `provisional` step (judged together with the next one, e.g. pruning before its recovery fine-tuning) may
+    exceed the metric budget: the next step's verdict decides, and a failure there rolls both back. The step that
+    closes such a chain is compared (`current`) with the model before the chain, so recovery counts the chain's gain.
     """
     if not candidate.outputs_finite or candidate.metrics.get("nonfinite_outputs", 0.0) > 0:
         return Verdict(False, "the model produces NaN/inf outputs", False)
     checks = {c.name: c for c in check_criteria(candidate, baseline, criteria)}
+    deferred = ""
     if baseline.primary_value is not None:
         drop_check = checks[f"{baseline.primary_metric}_drop"]
         if drop_check.value is None:
             return Verdict(False, f"{baseline.primary_metric} could not be measured", False)
-        if not drop_check.met:
+        if not drop_check.met and provisional:
+            deferred = (
+                f"{baseline.primary_metric} dropped by {drop_check.value:.4f} (allowed {drop_check.limit:.4f}): "
+                "judged after the next step of the chain"
+            )
+        elif not drop_check.met:
             how = f": {drop_check.detail}" if drop_check.detail else ""
             return Verdict(
                 False,
@@ -133,5 +149,7 @@ def judge_candidate(candidate: Measurement, current: Measurement, baseline: Meas
     notes = [f"size {1 / size_gain:.2f}x of the current model", f"latency {1 / speed_gain:.2f}x"]
     if speed_gain < 1 - MIN_SPEED_GAIN:
         notes.append("SLOWER than the model it replaces")
+    if deferred:
+        return Verdict(True, "provisionally accepted: " + ", ".join([*notes, deferred]), False)
     met = all(c.met for c in checks.values())
     return Verdict(True, "accepted: " + ", ".join(notes), met)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import nn
 
+from robopt.errors import UnsupportedFormatError
 from robopt.export.errors import NotExportableError
 from robopt.export.job import ExportJob, Written
 from robopt.export.quantization import TORCH_AO, is_hf_model
+from robopt.tools.hf_export import export_hf_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -80,6 +83,30 @@ def _refuse_unsupported(job: ExportJob) -> None:
         )
 
 
+def quantized_by_auto_round(model: nn.Module) -> bool:
+    """True when transformers holds this model through auto-round's quantizer (robopt's `autoround` and `gptq`
+    results, and auto-round checkpoints loaded from a folder)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method)) == "auto-round"
+
+
+def _save_model(job: ExportJob, folder: Path, tokenizer: Path | None) -> list[str]:
+    """Write the model's weights and config.json into `folder` (auto-round models: the tokenizer files too);
+    returns notes for the user."""
+    if not quantized_by_auto_round(job.model):
+        job.model.save_pretrained(folder)
+        return []
+    # auto-round loads a checkpoint in config.json's dtype and then casts the whole model to its kernel's float16:
+    # export_hf_folder keeps the dtype the artifact was loaded with, so a reload takes the same path (a plain
+    # save_pretrained writes float16, and the rotary tables then round differently: outputs 1 fp16 ulp off).
+    export_hf_folder(job.model, folder, tokenizer_dir=tokenizer)
+    dtype = json.loads((folder / "config.json").read_text()).get("dtype")
+    return [
+        f"config.json keeps the dtype the model was loaded in ({dtype}); auto-round casts it to float16 after loading"
+    ]
+
+
 def write_hf(job: ExportJob, folder: Path) -> Written:
     """model.save_pretrained(folder) plus the tokenizer; the snippet reloads it with an Auto class."""
     _refuse_unsupported(job)
@@ -88,27 +115,29 @@ def write_hf(job: ExportJob, folder: Path) -> Written:
     # bitsandbytes 0.50 repacks 4-bit weights on CPU at the first forward and unpacks them wrongly at save:
     # put the saved layout back (a no-op for other models).
     restore_bnb_cpu_layout(job.model)
+    source = tokenizer_source(job.model, job.tokenizer_dir)
     try:
-        job.model.save_pretrained(folder)
-    except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError) as e:
+        notes = _save_model(job, folder, source)
+    except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError, UnsupportedFormatError) as e:
+        reason = e.message if isinstance(e, UnsupportedFormatError) else f"{type(e).__name__}: {e}"
         raise NotExportableError(
-            f"not exportable as a Hugging Face folder: save_pretrained failed: {type(e).__name__}: {e}",
+            f"not exportable as a Hugging Face folder: saving it failed: {reason}",
             "use --format torchscript",
         ) from e
-    notes = []
     if job.census.hf_quantizer:
         config = getattr(job.model.config, "quantization_config", None)
         method = getattr(config, "quant_method", None) or type(config).__name__
-        notes.append(f"quantized through transformers ({method}): config.json carries its quantization_config")
-    source = tokenizer_source(job.model, job.tokenizer_dir)
+        method = getattr(method, "value", method)
+        notes.insert(0, f"quantized through transformers ({method}): config.json carries its quantization_config")
     loader = loader_class(job.model)
     device = ', device_map="cpu"' if job.census.hf_quantizer else ""
     snippet = f"from transformers import {loader}"
     body = f"\n\nmodel = {loader}.from_pretrained(folder{device}).eval()\n"
     if source is not None:
-        from transformers import AutoTokenizer
+        if not quantized_by_auto_round(job.model):  # export_hf_folder copied the files already
+            from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+            AutoTokenizer.from_pretrained(source).save_pretrained(folder)
         snippet += ", AutoTokenizer"
         body += "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
         notes.append(f"tokenizer copied from {source}")

@@ -1,32 +1,20 @@
 """ONNX export for ONNX Runtime: an ONNX artifact (QDQ or dynamic INT8 included) is copied with its external data;
-a torch module is exported with torch.onnx (the TorchScript-based exporter, then the dynamo exporter if that fails)."""
+a torch module is exported by robopt.tools.onnx_export (the TorchScript-based exporter, then the dynamo exporter if
+that fails). This module keeps what is specific to the export command: the file name, refusals and notes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import re
 import shutil
-import sys
-import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-
-import torch
 
 from robopt.export.errors import NotExportableError
 from robopt.export.hf_call import PrimaryOutput
 from robopt.export.job import ExportJob, Written
 from robopt.export.quantization import TORCH_AO, UNQUANTIZED_PARENT_HINT, is_hf_model
 from robopt.memory.artifacts import MANIFEST
-from robopt.tools.outputs import iter_tensors
+from robopt.tools.onnx_export import EXPORTER_LABELS, MIN_OPSET, OnnxExport, OnnxExportFailed, export_onnx
 
 MODEL_FILE = "model.onnx"
-MIN_OPSET = 17
-DYNAMO_MIN_OPSET = 18
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _INT_TYPES = {2, 3, 5, 6, 7, 12, 13}  # onnx.TensorProto UINT8, INT8, INT16, INT32, INT64, UINT32, UINT64
 
 
@@ -65,41 +53,6 @@ def _refuse_unsupported(job: ExportJob) -> None:
         )
 
 
-def _export(module: torch.nn.Module, job: ExportJob, path: Path, dynamo: bool, n_outputs: int) -> None:
-    names = job.input_names
-    outputs = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
-    kwargs: dict[str, object] = {"input_names": names, "output_names": outputs}
-    if dynamo:
-        kwargs["opset_version"] = max(job.opset, DYNAMO_MIN_OPSET)
-    else:
-        kwargs["opset_version"] = job.opset
-        batch = {0: "batch"}
-        batched = [n for n, t in zip(names, job.trace_inputs, strict=True) if t.dim() > 0]
-        kwargs["dynamic_axes"] = dict.fromkeys([*batched, *outputs], batch)
-    with torch.no_grad(), _silenced_output(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, job.trace_inputs, str(path), dynamo=dynamo, **kwargs)
-
-
-@contextlib.contextmanager
-def _silenced_output() -> Iterator[None]:
-    """The exporters print progress on stdout (the CLI's --json channel) and, on failure, dump the whole IR graph
-    to stderr from C++ (torch 2.13 enables its ONNX log unconditionally): the error we raise says what failed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()):
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-
-
 def _dequantized_note(job: ExportJob, path: Path) -> str | None:
     """torch.onnx bakes torchao's quantized weights as float: say so, the file is not smaller than fp32."""
     if not job.census.quantized:
@@ -115,6 +68,21 @@ def _dequantized_note(job: ExportJob, path: Path) -> str | None:
     )
 
 
+def _notes(job: ExportJob, export: OnnxExport, hf: bool) -> list[str]:
+    notes = [f"exported with torch.onnx ({EXPORTER_LABELS[export.used]} exporter), opset {export.opset}"]
+    notes += [f"the {failure.replace(' exporter:', ' exporter failed first:', 1)}" for failure in export.failures]
+    if export.used == "torchscript":
+        notes.append("the batch dimension is dynamic; other dimensions are fixed at the traced shapes")
+    else:
+        dynamic = [f"{name} {dims}" for name, dims in export.dynamic_axes.items() if dims]
+        notes.append(f"dynamic axes where the model allows them: {', '.join(dynamic) or 'none'}")
+    if hf:
+        notes.append("Hugging Face model exported without KV cache; the graph returns only its primary output")
+    if (note := _dequantized_note(job, export.path)) is not None:
+        notes.append(note)
+    return notes
+
+
 def write_onnx(job: ExportJob, folder: Path) -> Written:
     """Copy an ONNX artifact, or export the torch module (HF models: their primary output) with opset >= 17."""
     if job.opset < MIN_OPSET:
@@ -124,35 +92,20 @@ def write_onnx(job: ExportJob, folder: Path) -> Written:
     _refuse_unsupported(job)
     hf = is_hf_model(job.model)
     module = PrimaryOutput(job.model, job.input_names) if hf else job.model
-    with torch.no_grad():
-        n_outputs = len(list(iter_tensors(module(*job.trace_inputs))))
-    path = folder / MODEL_FILE
-    errors = []
-    for dynamo in (False, True):
-        try:
-            _export(module, job, path, dynamo, n_outputs)
-            break
-        except Exception as e:  # both exporters raise many types on unsupported ops; each is reported
-            exporter = "dynamo" if dynamo else "TorchScript-based"
-            message = _ANSI.sub("", str(e)).strip().split("\n")[0]
-            errors.append(f"{exporter} exporter: {type(e).__name__}: {message}")
-            for leftover in folder.glob(f"{MODEL_FILE}*"):
-                leftover.unlink()
-    else:
-        raise NotExportableError(
-            f"not exportable as ONNX: {'; '.join(errors)}",
-            UNQUANTIZED_PARENT_HINT if job.census.quantized else "use --format torchscript" + (" or hf" if hf else ""),
+    try:
+        export = export_onnx(
+            module,
+            job.trace_inputs,
+            folder / MODEL_FILE,
+            input_names=job.input_names,
+            exporters=("torchscript", "dynamo"),
+            opset=job.opset,
         )
-    notes = [
-        f"exported with torch.onnx ({'dynamo' if dynamo else 'TorchScript-based'} exporter), opset "
-        f"{max(job.opset, DYNAMO_MIN_OPSET) if dynamo else job.opset}"
-    ]
-    if errors:
-        notes.append(f"the TorchScript-based exporter failed first: {errors[0]}")
-    if not dynamo:
-        notes.append("the batch dimension is dynamic; other dimensions are fixed at the traced shapes")
-    if hf:
-        notes.append("Hugging Face model exported without KV cache; the graph returns only its primary output")
-    if (note := _dequantized_note(job, path)) is not None:
-        notes.append(note)
-    return Written(snippet(job.input_names), runner="onnx", compare="first" if hf else "all", notes=notes)
+    except OnnxExportFailed as e:
+        raise NotExportableError(
+            f"not exportable as ONNX: {'; '.join(e.failures)}",
+            UNQUANTIZED_PARENT_HINT if job.census.quantized else "use --format torchscript" + (" or hf" if hf else ""),
+        ) from e
+    return Written(
+        snippet(job.input_names), runner="onnx", compare="first" if hf else "all", notes=_notes(job, export, hf)
+    )

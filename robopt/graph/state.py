@@ -47,6 +47,11 @@ class State(InputState, total=False):
     baseline: ModelState
     current: ModelState
     """The last accepted model. Rollback returns here; it is never overwritten by a rejected candidate."""
+    chain_anchor: ModelState | None
+    """While provisional steps are in flight (a step judged together with the next one, e.g. pruning before its
+    recovery fine-tuning): the last model judged in full. If the chain fails, rollback returns HERE."""
+    rolled_back: Annotated[list[int], operator.add]
+    """Indices of provisionally accepted attempts undone because the chain they started failed."""
     plan: dict[str, Any] | None
     cursor: int
     candidate: dict[str, Any] | None

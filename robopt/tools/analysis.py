@@ -14,6 +14,9 @@ Counting rules:
 - bitsandbytes 4-bit weights (Params4bit) are stored packed as uint8 [n/2, 1]: the parameter count is
   the logical `quant_state.shape` (in_features * out_features), the memory is the packed bytes plus
   the quantization state (absmax, nested absmax and code tables).
+- HQQ layers (hqq's HQQLinear, robopt's CpuHQQLinear) keep bit-packed weights in the parameter `W_q`, and their
+  scales and zero points (in the `meta` dict) and bias as plain attributes: the parameter count is the logical
+  `meta["shape"]` plus the bias, the memory is the packed weights, the meta tensors and the bias.
 """
 
 from __future__ import annotations
@@ -161,6 +164,34 @@ def _quant_state_nbytes(state: Any) -> int:
     return total + (_quant_state_nbytes(nested) if nested is not None else 0)
 
 
+def _hqq_layer(module: nn.Module) -> bool:
+    """True for a quantized hqq HQQLinear (robopt's CpuHQQLinear included). hqq is only checked once imported:
+    no such layer can exist (nor be unpickled) without it."""
+    if "hqq.core.quantize" not in sys.modules:
+        return False
+    from hqq.core.quantize import HQQLinear
+
+    meta = getattr(module, "meta", None)
+    return isinstance(module, HQQLinear) and isinstance(meta, dict) and "shape" in meta
+
+
+def _count_hqq(layer: nn.Module, info: LayerInfo, seen: set[int]) -> None:
+    """Add an HQQ layer's logical parameters (meta shape + bias) and stored bytes (packed weights, meta, bias)."""
+    bias = getattr(layer, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    info.params += math.prod(layer.meta["shape"]) + (bias.numel() if bias is not None else 0)
+    info.trainable += bias.numel() if bias is not None and bias.requires_grad else 0
+    tensors = [layer.W_q, bias, *layer.meta.values()]  # meta: scales, zero points (and plain settings)
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            info.nbytes += tensor_nbytes(t)
+    for b in layer.buffers(recurse=False):
+        if id(b) not in seen:
+            seen.add(id(b))
+            info.nbytes += tensor_nbytes(b)
+
+
 def walk_layers(module: nn.Module) -> tuple[list[LayerInfo], dict[str, str]]:
     """Every module with its directly owned parameters/buffers (see the module docstring); plus problems met."""
     problems: dict[str, str] = {}
@@ -177,6 +208,9 @@ def walk_layers(module: nn.Module) -> tuple[list[LayerInfo], dict[str, str]]:
             owns = any(True for _ in sub.named_parameters(recurse=False))
             infos[name] = LayerInfo(name, kind, in_census=not children or owns or bool(_packed_objects(sub)))
         info = infos[owner]
+        if _hqq_layer(sub):
+            _count_hqq(sub, info, seen)
+            continue
         for p in sub.parameters(recurse=False):
             if id(p) in seen:
                 continue

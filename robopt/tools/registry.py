@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -62,6 +63,12 @@ class ApplyContext:
     seed: int = 0
     workdir: Path | None = None
     calibration: CalibrationSource | None = None
+    teacher: Callable[[], nn.Module] | None = None
+    """The run's original model, loaded fresh on each call: the teacher of distillation and recovery steps
+    (None outside a run: such techniques then distil from the model they are given, before changing it)."""
+    task: str | None = None
+    """The closed-loop task of the run's evaluator (e.g. "reacher"; robopt.robotics.task.make_task), for techniques
+    that roll out policies (DAgger); None when the run is not judged in closed loop."""
 
 
 @dataclass
@@ -103,6 +110,10 @@ class Technique(ABC):
 
     def milder(self, config: TechniqueConfig) -> TechniqueConfig | None:
         """A less aggressive config to retry with after a rejection, or None."""
+        return None
+
+    def stronger(self, config: TechniqueConfig) -> TechniqueConfig | None:
+        """A more aggressive config than `config` (for size targets the default cannot reach), or None."""
         return None
 
     def default_config(self) -> TechniqueConfig:

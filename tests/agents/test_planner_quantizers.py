@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from robopt import api
@@ -51,3 +53,47 @@ def test_a_tight_size_limit_rules_out_int8_weights(analysis) -> None:
 
 def test_naming_autoround_plans_it(analysis) -> None:
     assert chosen(analysis, Criteria(max_size_ratio=0.4), allowed={"autoround"}) == ["autoround"]
+
+
+def _with_sensitive_layer(analysis, layer: str, error_at_4_bits: float):
+    """The real analysis with one layer's measured sensitivity replaced: it breaks the output at <= 4 bits."""
+    report = analysis.layer_sensitivity.model_copy(deep=True)
+    (row,) = [r for r in report.layers if r.name == layer]
+    for b in (4, 3, 2):
+        row.relative_error[b] = error_at_4_bits * 4 / b
+        row.sqnr_db[b] = -10 * math.log10(row.relative_error[b])
+    return analysis.model_copy(update={"layer_sensitivity": report})
+
+
+def test_the_analysis_lists_per_layer_sensitivity(analysis) -> None:
+    report = analysis.layer_sensitivity
+    assert report is not None, analysis.unmeasured.get("layer_sensitivity")
+    assert report.samples >= 4 and "stdlib" in report.calibration_source and report.calibration_fingerprint
+    assert len(report.layers) == analysis.layer_census["Linear"]
+    worst = [r.sqnr_db[2] for r in report.layers]
+    assert worst == sorted(worst)  # most sensitive first
+    uniform = report.uniform_sqnr_db  # fewer bits, more output noise
+    assert uniform[8] > uniform[4] > uniform[3] > uniform[2]
+    assert report.spread_db[4] > 0
+
+
+def test_measured_sensitivity_sets_the_risk_of_low_bit_plans(analysis) -> None:
+    from robopt.tools.registry import get_technique
+
+    hqq, mixed = get_technique("hqq"), get_technique("mixed_precision")
+    flat_hqq = hqq.estimate(analysis, hqq.default_config())
+    assert "Measured sensitivity predicts output SQNR" in flat_hqq.note
+    fragile = _with_sensitive_layer(analysis, "model.layers.1.self_attn.o_proj", 0.1)
+    assert hqq.estimate(fragile, hqq.default_config()).accuracy_risk == "high"  # ~10 dB predicted at 4 bits
+    fragile_mixed = mixed.estimate(fragile, mixed.default_config())
+    assert fragile_mixed.accuracy_risk in ("low", "medium") and "uniform 4-bit" in fragile_mixed.note
+
+
+def test_the_planner_takes_mixed_precision_when_one_layer_is_fragile(analysis) -> None:
+    criteria = Criteria(max_size_ratio=0.45, max_metric_drop_relative=0.05)  # both are estimated to fit
+    allowed = {"hqq", "mixed_precision"}
+    # even sensitivity: uniform 4-bit is predicted safe and is smaller than 4.5 bits on average
+    assert chosen(analysis, criteria, allowed) == ["hqq"]
+    # one fragile layer: uniform 4-bit is predicted to break the output, mixed precision keeps that layer wide
+    fragile = _with_sensitive_layer(analysis, "model.layers.1.self_attn.o_proj", 0.1)
+    assert chosen(fragile, criteria, allowed) == ["mixed_precision"]

@@ -84,3 +84,12 @@ class SlowInt8Technique(_Fault):
         time.sleep(float(os.environ.get("ROBOPT_TEST_SLEEP", "0")))
         real = get_technique("quantize_dynamic_int8")
         return real.apply(model, real.default_config(), context)
+
+
+@register_technique
+class RaisingRecovery(RaisingTechnique):
+    """A recovery step that fails: the chain it should close is rolled back with it."""
+
+    name = "test_raise_recovery"
+    family = "recovery"
+    description = "a recovery step that raises RuntimeError in apply"

@@ -390,7 +390,7 @@ INVALID = [
     ("prune_unstructured", {"sparsity": 0.0}),
     ("prune_unstructured", {"scope": "model"}),
     ("prune_structured", {"ratio": 0.95}),
-    ("prune_structured", {"importance": "taylor"}),
+    ("prune_structured", {"importance": "random"}),
     ("weight_only_int4", {"blocksize": 48}),
     ("weight_only_int4", {"quant_type": "int4"}),
     ("quantize_dynamic_int8", {"dtype": "quint8"}),

@@ -9,7 +9,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from robopt.domain.analysis import AnalysisReport
+from robopt.domain.analysis import AnalysisReport, SensitivityReport
 from robopt.domain.criteria import Criteria
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import Attempt, Measurement, PlanStep
@@ -62,7 +62,26 @@ def _analysis_brief(analysis: AnalysisReport) -> str:
             "unmeasured",
         },
     )
+    if analysis.layer_sensitivity is not None:
+        brief["layer_sensitivity"] = sensitivity_brief(analysis.layer_sensitivity)
     return json.dumps(brief, indent=1)
+
+
+def sensitivity_brief(report: SensitivityReport, top: int = 8) -> dict[str, Any]:
+    """What the planner needs of the per-layer sensitivity: the predicted output SQNR at each uniform width, how
+    unevenly the layers react (a large spread is where mixed precision beats uniform bits) and the most sensitive
+    layers."""
+    return {
+        "method": report.method,
+        "calibration": f"{report.samples} samples: {report.calibration_source}",
+        "predicted_output_sqnr_db_uniform": report.uniform_sqnr_db,
+        "per_layer_sqnr_spread_db": report.spread_db,
+        "most_sensitive_layers": [
+            {"name": r.name, "role": r.role, "params": r.params, "sqnr_db": r.sqnr_db} for r in report.layers[:top]
+        ],
+        "rule_of_thumb": "output SQNR >= 25 dB rarely hurts the task metric, < 15 dB often does; prefer "
+        "mixed_precision over a uniform width when the spread at that width is large (> 6 dB)",
+    }
 
 
 def _techniques_brief(techniques: list[Technique], analysis: AnalysisReport) -> str:

@@ -13,6 +13,8 @@ from robopt.domain.records import Attempt, Measurement, PlanStep
 from robopt.tools.registry import Technique, TechniqueConfig, list_techniques, plannable
 
 _RISK = {"low": 1, "medium": 2, "high": 3}
+STRUCTURAL = ("pruning", "low-rank", "distillation")
+RECOVERABLE = ("pruning", "low-rank")  # families whose accuracy loss a recovery step can win back
 _SIZE_MARGIN = 0.95  # estimates are rough: aim a little below the size limit
 
 
@@ -25,11 +27,18 @@ class _Option:
 
 
 def _ladder(technique: Technique) -> list[TechniqueConfig]:
+    """The technique's configs from the most aggressive to the mildest: stronger ones (for targets the default
+    cannot reach), the default, then milder ones."""
+    stronger: list[TechniqueConfig] = []
+    config = technique.stronger(technique.default_config())
+    while config is not None and len(stronger) < 5:
+        stronger.insert(0, config)
+        config = technique.stronger(config)
     configs, config = [], technique.default_config()
     while config is not None and len(configs) < 10:
         configs.append(config)
         config = technique.milder(config)
-    return configs
+    return stronger + configs
 
 
 def _step(
@@ -44,6 +53,28 @@ def _step(
         expected_speedup=round(est.speedup, 3),
     )
     return step, est.size_ratio, est.speedup, _RISK[est.accuracy_risk]
+
+
+def _recovered(
+    step: tuple[PlanStep, float, float, int], recovery: Technique, analysis: AnalysisReport
+) -> tuple[tuple[PlanStep, float, float, int], ...]:
+    """`step` followed by recovery fine-tuning (the planning node marks the step to be judged together with it), its
+    accuracy risk one level lower: recovery wins back what the structure change lost; evaluation still judges."""
+    plan_step, size, speed, risk = step
+    fix, fix_size, fix_speed, _ = _step(recovery, recovery.default_config(), analysis)
+    return (plan_step, size, speed, max(1, risk - 1)), (fix, fix_size, fix_speed, 0)
+
+
+def _recovery_technique(analysis: AnalysisReport, allowed: set[str] | None) -> Technique | None:
+    """The first recovery technique among those the planner may use (`allowed`, else the ones planned by default)
+    that runs here and applies to this model."""
+    for t in plannable(allowed):
+        if t.family != "recovery":
+            continue
+        outlook = t.outlook(analysis)
+        if outlook.available and outlook.applicable:
+            return t
+    return None
 
 
 def _untried_configs(technique: Technique, tried: dict[str, str]) -> list[TechniqueConfig]:
@@ -82,11 +113,13 @@ def rule_plan(
 ) -> OptimizationPlan:
     """Plan the chain still to apply to the current model.
 
-    Options are chains of at most one pruning step followed by at most one quantization step, each
-    config taken from the technique's ladder (default, then milder ones). The option chosen is the
-    least risky one whose estimated size and speed meet the limits; without a feasible option, the one
-    that gets closest; without limits, the least risky one that makes the model both smaller and not
-    slower. Past sessions' failures on the same model and evaluator count as tried (see _still_fails).
+    Options are chains of at most one structural step (pruning, low-rank factorization or distillation; pruning
+    and low-rank optionally followed by a recovery fine-tuning step it is judged together with) and at most one
+    quantization step, each config taken from the technique's ladder (default, then milder ones). The option
+    chosen is the least risky one whose estimated size and speed meet the limits (among equals, those not
+    estimated to be slower than the current model, else the least slow, then the smallest); without a feasible
+    option, the one that gets closest; without limits, the least risky one that makes the model both smaller and
+    not slower. Past sessions' failures on the same model and evaluator count as tried (see _still_fails).
     """
     tried: dict[str, str] = {}
     for a in past_attempts or []:
@@ -104,17 +137,22 @@ def rule_plan(
         if not (outlook.available and outlook.applicable):
             skipped.append(f"{t.name}: {outlook.reason}")
             continue
-        if t.name in accepted:
+        if t.name in accepted and t.family != "recovery":  # recovery may close any number of chains
             continue
         usable.append(t)
 
     quantizers = [t for t in usable if t.family == "quantization" and "quantization" not in accepted_families]
-    # Structural changes come before quantization: a quantized model is not pruned again.
-    pruners = [t for t in usable if t.family == "pruning" and "quantization" not in accepted_families]
+    # Structural changes come before quantization: a quantized model is not pruned, factorized or distilled again.
+    structural = [t for t in usable if t.family in STRUCTURAL and "quantization" not in accepted_families]
+    recovery = _recovery_technique(analysis, allowed)
 
-    prune_choices: list[tuple[PlanStep, float, float, int] | None] = [None]
-    for t in pruners:
-        prune_choices += [_step(t, c, analysis) for c in _untried_configs(t, tried)]
+    head_choices: list[tuple[tuple[PlanStep, float, float, int], ...]] = [()]
+    for t in structural:
+        for c in _untried_configs(t, tried):
+            step = _step(t, c, analysis)
+            head_choices.append((step,))
+            if recovery is not None and t.family in RECOVERABLE:
+                head_choices.append(_recovered(step, recovery, analysis))
     quant_choices: list[tuple[PlanStep, float, float, int] | None] = [None]
     for t in quantizers:
         configs = _untried_configs(t, tried)
@@ -122,8 +160,8 @@ def rule_plan(
             quant_choices.append(_step(t, configs[0], analysis))
 
     options = []
-    for prune, quant in itertools.product(prune_choices, quant_choices):
-        chosen = [c for c in (prune, quant) if c is not None]
+    for head, quant in itertools.product(head_choices, quant_choices):
+        chosen = [*head, *([quant] if quant is not None else [])]
         if not chosen:
             continue
         size = speed = 1.0
@@ -154,7 +192,7 @@ def rule_plan(
         useful = [o for o in options if o.size_ratio < 0.98 and o.speedup >= 0.95] or [
             o for o in options if o.size_ratio < 0.98
         ]
-        best = min(useful, key=lambda o: (o.risk, o.size_ratio, -o.speedup), default=None)
+        best = min(useful, key=lambda o: (o.risk, len(o.steps), o.size_ratio, -o.speedup), default=None)
         goal = "no size or latency limit: the least risky option that shrinks the model"
         if best is None and options:
             return OptimizationPlan(
@@ -165,7 +203,8 @@ def rule_plan(
     else:
         feasible = [o for o in options if shortfall(o) == 0]
         if feasible:
-            best = min(feasible, key=lambda o: (o.risk, len(o.steps), o.size_ratio, -o.speedup))
+            # among equally safe chains: not slower than the current model first, else the least slow, then smallest
+            best = min(feasible, key=lambda o: (o.risk, len(o.steps), -min(o.speedup, 1.0), o.size_ratio, -o.speedup))
             goal = "the least risky chain whose estimate meets the limits"
         else:
             best = min(options, key=lambda o: (shortfall(o), o.risk), default=None)

@@ -35,6 +35,7 @@ from robopt.tools.registry import (
     TechniqueResult,
     register_technique,
 )
+from robopt.tools.sensitivity_report import risk_from_sqnr, uniform_prediction
 from robopt.tools.techniques import _layers
 from robopt.tools.techniques.weight_only import _linear_targets, _require_targets
 from robopt.tools.threads import torch_threads
@@ -217,15 +218,25 @@ class HQQQuantization(Technique):
         linear = _layers.linear_params(analysis)
         share = _layers.share_of_params(analysis, linear)
         stored = bytes_per_weight(config.nbits, config.group_size)
+        risk = "low" if config.nbits == 8 else "medium" if config.nbits >= 4 else "high"
+        measured = ""
+        report = analysis.layer_sensitivity
+        if report is not None and report.group_size == config.group_size and config.axis == 1:
+            predicted, layers = uniform_prediction(
+                report, config.nbits, skip_roles=("action_head",) if config.skip_head else ()
+            )
+            if predicted is not None and layers:
+                risk = risk_from_sqnr(predicted) or risk
+                measured = f" Measured sensitivity predicts output SQNR {predicted:.1f} dB ({layers} layers)."
         return Estimate(
             size_ratio=_layers.size_ratio_after(analysis, linear, stored),
             speedup=_layers.amdahl_speedup(share, HQQ_LAYER_SPEEDUP_BY_BITS[config.nbits]),
-            accuracy_risk="low" if config.nbits == 8 else "medium" if config.nbits >= 4 else "high",
+            accuracy_risk=risk,
             note=(
                 f"Linear weights ({share:.0%} of parameters) go to {stored:.3g} bytes each ({config.nbits}-bit packed "
                 f"+ fp32 scale and zero per {config.group_size})"
                 + (", the head layer stays fp32 (not counted here)" if config.skip_head else "")
-                + ". SLOWER on CPU: measured 5-10x slower Linear layers (dequantized on every call)."
+                + f".{measured} SLOWER on CPU: measured 5-10x slower Linear layers (dequantized on every call)."
             ),
         )
 

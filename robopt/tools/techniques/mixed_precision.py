@@ -36,6 +36,7 @@ from robopt.tools.registry import (
     register_technique,
 )
 from robopt.tools.sensitivity import LayerSensitivity, Role, layer_sensitivity, sensitivity_table
+from robopt.tools.sensitivity_report import from_report, predicted_sqnr_db, reusable_table, risk_from_sqnr
 from robopt.tools.techniques import _layers
 from robopt.tools.techniques.hqq_quant import (
     HQQ_LAYER_SPEEDUP,
@@ -166,8 +167,8 @@ class MixedPrecisionHQQ(Technique):
     family = "quantization"
     description = (
         "Sensitivity-driven mixed precision: measures each Linear layer's output sensitivity on calibration data, "
-        "then picks HQQ 8/4/3/2 bits per layer under an average-bits or size budget (action head and projector kept "
-        ">= 8-bit). Needs calibration data; slower than fp32 on CPU."
+        "then picks HQQ 8/4/3/2 bits per layer under an average-bits or size budget (roles such as the action head can "
+        "be kept >= 8-bit with keep_roles). Needs calibration data; slower than fp32 on CPU."
     )
     config_cls = MixedPrecisionConfig
 
@@ -195,13 +196,21 @@ class MixedPrecisionHQQ(Technique):
             assert config.size_ratio is not None
             stored = 4.0 * config.size_ratio
             budget = f"{config.size_ratio:.0%} of their fp32 bytes"
+        risk, measured = ("low" if stored >= 1.0 else "medium"), ""
+        prediction = predicted_assignment(analysis, config)
+        if prediction is not None:
+            mixed_db, uniform_db, uniform_bits = prediction
+            risk = risk_from_sqnr(mixed_db) or risk
+            measured = f" Measured sensitivity predicts output SQNR {mixed_db:.1f} dB" + (
+                f" (uniform {uniform_bits}-bit: {uniform_db:.1f} dB)." if uniform_db is not None else "."
+            )
         return Estimate(
             size_ratio=_layers.size_ratio_after(analysis, linear, stored),
             speedup=_layers.amdahl_speedup(share, HQQ_LAYER_SPEEDUP),
-            accuracy_risk="low" if stored >= 1.0 else "medium",
+            accuracy_risk=risk,
             note=(
                 f"Linear weights ({share:.0%} of parameters) at {budget}, bits per layer chosen from measured output "
-                "sensitivity; needs calibration data. SLOWER on CPU: HQQ layers dequantize on every call."
+                f"sensitivity; needs calibration data.{measured} SLOWER on CPU: HQQ layers dequantize on every call."
             ),
         )
 
@@ -225,24 +234,50 @@ class MixedPrecisionHQQ(Technique):
         avail = self.availability()
         if not avail.available:
             raise TechniqueNotApplicableError(f"{self.name} is unavailable: {avail.reason}", "use hqq")
-        if context.calibration is None:
+        if context.calibration is None and context.analysis.layer_sensitivity is None:
             raise TechniqueNotApplicableError(
                 "mixed_precision measures each layer's sensitivity on calibration data, and this run has none",
                 "run it through the pipeline (it supplies the model type's calibration set) or pass --calibration FILE",
             )
-        calibration = context.calibration(config.calibration_samples)
         candidates = sorted({*config.candidate_bits, config.keep_bits}, reverse=True)
         model.eval()
-        table = layer_sensitivity(
-            model,
-            calibration,
-            candidates,
-            context.progress,
-            group_size=config.group_size,
-            axis=config.axis,
-            example_inputs=context.example_inputs,
-            stage=f"{self.name}: sensitivity",
+        report = context.analysis.layer_sensitivity
+        table = (
+            reusable_table(report, model, candidates, config.group_size, config.calibration_samples)
+            if config.axis == 1
+            else None
         )
+        if table is not None and report is not None:
+            context.progress.message(self.name, "per-layer sensitivity reused from the analysis report")
+            calibration_record = {
+                "sensitivity_from": "analysis report",
+                "calibration_source": report.calibration_source,
+                "calibration_samples": report.samples,
+                "calibration_fingerprint": report.calibration_fingerprint,
+            }
+        else:
+            if context.calibration is None:
+                raise TechniqueNotApplicableError(
+                    "the analysis report's sensitivity does not match this config and this run has no calibration data",
+                    "pass --calibration FILE or use the default group_size/candidate_bits",
+                )
+            calibration = context.calibration(config.calibration_samples)
+            table = layer_sensitivity(
+                model,
+                calibration,
+                candidates,
+                context.progress,
+                group_size=config.group_size,
+                axis=config.axis,
+                example_inputs=context.example_inputs,
+                stage=f"{self.name}: sensitivity",
+            )
+            calibration_record = {
+                "sensitivity_from": "measured in this step",
+                "calibration_source": calibration.source,
+                "calibration_samples": len(calibration),
+                "calibration_fingerprint": calibration.fingerprint,
+            }
         bits = assign_bits(table, config)
         modules = dict(model.named_modules())
         plan = [(row.name, modules[row.name], bits[row.name]) for row in table if row.name in bits]
@@ -278,11 +313,34 @@ class MixedPrecisionHQQ(Technique):
                 "sensitivity_proxy": "output relative error (and SQNR dB) with one layer HQQ-quantized at a time",
                 "sensitivity": sensitivity_table(table),
                 "solver": SOLVER,
-                "calibration_source": calibration.source,
-                "calibration_samples": len(calibration),
-                "calibration_fingerprint": calibration.fingerprint,
+                **calibration_record,
             },
         )
+
+
+def predicted_assignment(
+    analysis: AnalysisReport, config: MixedPrecisionConfig
+) -> tuple[float, float | None, int] | None:
+    """From the analysis report's sensitivity: the output SQNR predicted for this config's bit assignment, and for
+    the largest uniform width that fits the same budget (and that width). None without a usable report."""
+    report = analysis.layer_sensitivity
+    bits = {*config.candidate_bits, config.keep_bits}
+    if report is None or report.group_size != config.group_size or config.axis != 1 or not bits <= set(report.bits):
+        return None
+    table = from_report(report)
+    try:
+        chosen = assign_bits(table, config)
+    except TechniqueNotApplicableError:
+        return None
+    mixed = predicted_sqnr_db(table, chosen)
+    if mixed is None:
+        return None
+    capacity = _capacity(table, config)
+    fitting = [
+        b for b in sorted(config.candidate_bits, reverse=True) if sum(_cost(t, b, config) for t in table) <= capacity
+    ]
+    uniform_bits = fitting[0] if fitting else min(config.candidate_bits)
+    return mixed, predicted_sqnr_db(table, {t.name: uniform_bits for t in table}), uniform_bits
 
 
 def _histogram(bits: dict[str, int]) -> dict[str, int]:

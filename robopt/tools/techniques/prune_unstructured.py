@@ -1,7 +1,9 @@
 """Unstructured L1-magnitude pruning of Linear/Conv weights (torch.nn.utils.prune), made permanent.
 
-Zeros do not shrink dense storage or speed dense kernels on this CPU: it pays off only with a sparse
-format or kernel downstream, or as a step before structured pruning or compression.
+`scope="global"` ranks |w| across all pruned layers at once (one threshold: layers with smaller weights lose more),
+`scope="layer"` zeroes the same share in every layer. Zeros do not shrink dense storage or speed dense kernels on
+this CPU: it pays off only with a sparse format or kernel downstream, or as a step before structured pruning or
+compression. Activation-aware variants: prune_wanda, prune_sparsegpt; N:M patterns: prune_semistructured.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from robopt.tools.registry import (
     TechniqueResult,
     register_technique,
 )
+from robopt.tools.sparsity import NO_SPEEDUP_NOTE, zero_share
 from robopt.tools.techniques import _layers
 
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
@@ -39,11 +42,6 @@ class PruneUnstructuredConfig(TechniqueConfig):
         default="global", description="Rank magnitudes across all layers (global) or within each layer."
     )
     skip_head: bool = Field(default=True, description="Leave the output (classifier/action) layer dense.")
-
-
-def _sparsity(tensors: list[torch.Tensor]) -> float:
-    total = sum(t.numel() for t in tensors)
-    return sum(int((t == 0).sum()) for t in tensors) / total if total else 0.0
 
 
 @register_technique
@@ -109,11 +107,13 @@ class PruneUnstructured(Technique):
             prune.remove(m, "weight")
         with torch.no_grad():
             pruned = [m.weight.detach() for _, m in targets]
-            achieved = _sparsity(pruned)
-            overall = _sparsity([p.detach() for p in model.parameters()])
+            achieved = zero_share(pruned)
+            overall = zero_share([p.detach() for p in model.parameters()])
+            per_layer = {n: round(zero_share([m.weight.detach()]), 6) for n, m in targets}
         return TechniqueResult(
             model=model,
             backend=f"torch.nn.utils.prune L1Unstructured ({'global' if config.scope == 'global' else 'layer-wise'})",
+            notes=NO_SPEEDUP_NOTE,
             details={
                 "requested_sparsity": config.sparsity,
                 "achieved_sparsity": round(achieved, 6),
@@ -121,5 +121,8 @@ class PruneUnstructured(Technique):
                 "layers_pruned": len(targets),
                 "layers_skipped": [n for n, m in layers if any(m is h for h in heads)],
                 "scope": config.scope,
+                "sparsity_per_layer": per_layer,
+                "speedup": NO_SPEEDUP_NOTE,
+                "storage": "dense (zeros stored as values): the file size does not change",
             },
         )

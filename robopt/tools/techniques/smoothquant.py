@@ -126,6 +126,8 @@ class SmoothQuantInt8(Technique):
             backend=_backend(),
             onnx_path=output,
             notes=f"SmoothQuant alpha {config.alpha}; {len(calibration)} calibration samples from {calibration.source}",
+            # The calibration set used (size, source, fingerprint) is recorded once, by the optimize node, in
+            # details["calibration"]; the notes name it for direct callers.
             details={
                 **graph.details,
                 "preprocessing": "none (nncf runs its own ONNX shape inference and graph matching)",
@@ -133,9 +135,6 @@ class SmoothQuantInt8(Technique):
                 "smoothquant_alpha": config.alpha,
                 "smoothquant_scales": smoothing,
                 "quantized_ops": ops,
-                "calibration_source": calibration.source,
-                "calibration_fingerprint": calibration.fingerprint,
-                "calibration_samples": len(calibration),
                 "nncf_version": _nncf_version(),
                 "onnxruntime_version": _onnx_static.ort_version(),
                 **kernels,

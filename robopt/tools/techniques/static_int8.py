@@ -147,6 +147,8 @@ class OnnxStaticInt8(Technique):
             backend=_backend(config.activation_type),
             onnx_path=output,
             notes=f"calibrated on {len(calibration)} samples from {calibration.source}",
+            # The calibration set used (size, source, fingerprint) is recorded once, by the optimize node, in
+            # details["calibration"]; the notes name it for direct callers.
             details={
                 **graph.details,
                 **preprocessing,
@@ -157,9 +159,6 @@ class OnnxStaticInt8(Technique):
                 "weight_type": "int8",
                 "activation_type": config.activation_type,
                 "calibrate_method": config.calibrate_method,
-                "calibration_source": calibration.source,
-                "calibration_fingerprint": calibration.fingerprint,
-                "calibration_samples": len(calibration),
                 "onnxruntime_version": _onnx_static.ort_version(),
                 **kernels,
             },

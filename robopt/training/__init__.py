@@ -1,0 +1,1 @@
+"""Training for compression: teacher -> student fitting (distillation, recovery fine-tuning, pruning recovery)."""
