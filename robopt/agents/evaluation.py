@@ -71,13 +71,12 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
         return Command(goto="rollback", update={"attempts": [log_attempt(env, attempt)]})
 
     attempt.status = "accepted"
-    provisional = verdict.reason.startswith("provisionally")
     update = {
         "attempts": [log_attempt(env, attempt)],
         "current": model_state(ref, measured.measurement, measured.analysis),
         "candidate": None,
         # while a chain is open, rollback returns to the model before it; a step judged in full closes the chain
-        "chain_anchor": (state.get("chain_anchor") or state["current"]) if provisional else None,
+        "chain_anchor": (state.get("chain_anchor") or state["current"]) if verdict.provisional else None,
     }
     if verdict.criteria_met:
         return Command(goto="report", update={**update, "stop_reason": "all criteria met"})

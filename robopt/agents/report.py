@@ -14,9 +14,10 @@ from robopt.graph.state import State
 
 
 def build_result(state: State, stop_reason: str | None = None) -> OptimizationResult:
-    """The result for a state: the best model is the last accepted one (each accepted step improves on it)."""
+    """The result for a state: the best model is the last accepted one (each accepted step improves on it), or, if
+    the run ended inside a chain, the model before the chain (a provisional step was never judged in full)."""
     baseline = ModelView.of(state["baseline"])
-    best = ModelView.of(state["current"])
+    best = ModelView.of(state.get("chain_anchor") or state["current"])
     criteria = criteria_of(state)
     checks = check_criteria(best.measurement, baseline.measurement, criteria)
     return OptimizationResult(

@@ -88,6 +88,8 @@ class Verdict:
     accepted: bool
     reason: str
     criteria_met: bool
+    provisional: bool = False
+    """Accepted with its metric judgement deferred to the next step of the chain."""
 
 
 def judge_candidate(
@@ -150,6 +152,6 @@ def judge_candidate(
     if speed_gain < 1 - MIN_SPEED_GAIN:
         notes.append("SLOWER than the model it replaces")
     if deferred:
-        return Verdict(True, "provisionally accepted: " + ", ".join([*notes, deferred]), False)
+        return Verdict(True, "provisionally accepted: " + ", ".join([*notes, deferred]), False, provisional=True)
     met = all(c.met for c in checks.values())
     return Verdict(True, "accepted: " + ", ".join(notes), met)

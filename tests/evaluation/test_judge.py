@@ -92,3 +92,18 @@ def test_unpaired_samples_fall_back_to_the_raw_difference():
     other = closed_loop(300, [1] * 44 + [0] * 5)  # 49 episodes: not the same seeds
     check = next(c for c in check_criteria(other, CL_BASE, Criteria(max_metric_drop=0.10)) if "drop" in c.name)
     assert check.met and check.detail == ""
+
+
+def test_a_provisional_step_may_exceed_the_metric_budget_but_must_still_gain():
+    c = Criteria(max_size_ratio=0.2, max_metric_drop=0.01)
+    broken_but_small = m(100, 0.8, 0.80)
+    v = judge_candidate(broken_but_small, BASE, BASE, c, provisional=True)
+    assert v.accepted and v.provisional and not v.criteria_met
+    assert v.reason.startswith("provisionally accepted") and "judged after the next step" in v.reason
+    assert not judge_candidate(broken_but_small, BASE, BASE, c).accepted  # judged in full: rejected
+    # deferring the metric never excuses NaN outputs or a step that gains nothing
+    assert not judge_candidate(m(100, 0.8, 0.80, finite=False), BASE, BASE, c, provisional=True).accepted
+    assert not judge_candidate(m(1000, 1.0, 0.80), BASE, BASE, c, provisional=True).accepted
+    # within budget anyway: an ordinary acceptance, nothing deferred
+    fine = judge_candidate(m(100, 0.8, 0.945), BASE, BASE, c, provisional=True)
+    assert fine.accepted and not fine.provisional and fine.criteria_met
