@@ -178,7 +178,7 @@ def chain_table(result: OptimizationResult) -> Table:
     metric = base.primary_metric
     table = Table(title="chain: " + " → ".join(a.step.technique for a in result.chain()))
     for col in ("step", "technique", "size", "x smaller", "latency p50", metric or "metric"):
-        table.add_column(col, justify="right" if col not in ("technique",) else "left")
+        table.add_column(col, justify="left" if col == "technique" else "right", overflow="fold")
 
     def row(label: str, name: str, m: Measurement) -> None:
         value = m.metrics.get(metric) if metric else None
