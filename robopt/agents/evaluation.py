@@ -16,6 +16,7 @@ from robopt.agents.common import (
     node_env,
     profile,
 )
+from robopt.agents.planning import stop_reason
 from robopt.domain.plan import OptimizationPlan
 from robopt.domain.records import ArtifactRef, Attempt, PlanStep
 from robopt.errors import EvaluationError, PrefilterRejectedError
@@ -83,5 +84,9 @@ def evaluate(state: State, runtime: Runtime[Context]) -> Command[Literal["optimi
     plan = OptimizationPlan.model_validate(state["plan"])
     cursor = state.get("cursor", 0) + 1
     if cursor < len(plan.steps):
+        # the time and attempt limits hold inside a plan too (the plan node checks them between plans)
+        so_far: State = {**state, "attempts": [*(state.get("attempts") or []), *update["attempts"]]}  # type: ignore[typeddict-item]
+        if reason := stop_reason(so_far, env.context):
+            return Command(goto="report", update={**update, "stop_reason": reason})
         return Command(goto="optimize", update={**update, "cursor": cursor})
     return Command(goto="plan", update=update)

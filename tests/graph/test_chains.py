@@ -34,3 +34,22 @@ def test_a_failed_recovery_rolls_back_the_pruning_it_was_closing(fresh_data_dir)
     assert recovery.status == "failed"
     assert result.best.artifact.sha256 == result.baseline.artifact.sha256
     assert result.chain() == []
+
+
+def test_the_attempt_limit_holds_inside_a_plan(fresh_data_dir) -> None:
+    chat = scripted(
+        [
+            plan_answer(
+                {"technique": "prune_structured", "config": {"ratio": 0.3}, "rationale": "shrink"},
+                {"technique": "quantize_dynamic_int8", "config": {}, "rationale": "then int8"},
+            )
+        ]
+    )
+    result = api.optimize(
+        "digits-cnn",
+        Criteria(max_size_ratio=0.05, max_metric_drop=0.05),
+        techniques=["prune_structured", "quantize_dynamic_int8"],
+        context=Context(chat_model=chat, isolated_measurement=False, max_attempts=1),
+    )
+    assert len(result.attempts) == 1 and result.attempts[0].status == "accepted"
+    assert "attempt limit reached (1)" in result.stop_reason
