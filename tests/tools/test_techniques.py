@@ -262,7 +262,7 @@ def test_structured_refuses_transformers(mlp: Trained) -> None:
     analysis = mlp.analysis.model_copy(update={"architecture": "transformer-encoder"})
     appl = get_technique("prune_structured").applicable(analysis)
     assert not appl.applicable
-    assert appl.reason == "head/channel pruning of transformers is not supported yet"
+    assert appl.reason == "transformers are pruned by prune_heads (attention heads and MLP channels)"
 
 
 # -- estimates, applicability, milder ------------------------------------------------------------

@@ -152,7 +152,7 @@ class PruneStructured(Technique):
         if reason:
             return Applicability(False, reason)
         if analysis.architecture in _TRANSFORMER_FAMILIES:
-            return Applicability(False, "head/channel pruning of transformers is not supported yet")
+            return Applicability(False, "transformers are pruned by prune_heads (attention heads and MLP channels)")
         if analysis.architecture not in _SUPPORTED_FAMILIES:
             return Applicability(
                 False, f"structured pruning supports cnn and mlp-policy models, not {analysis.architecture!r}"
